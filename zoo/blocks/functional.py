@@ -1,0 +1,80 @@
+"""Numerically safe primitives shared by every block.
+
+Padded words and all-zero vectors are normal here (padding, empty regions), so every norm, square
+root and softmax is written so that it stays finite, forward *and* backward, at zero.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8
+
+
+def safe_sqrt(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """sqrt(max(x, eps^2)): finite value and gradient at 0 (plain sqrt has an infinite slope there)."""
+    return torch.sqrt(x.clamp_min(eps * eps))
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
+    """x / ||x||_2 along `dim`; a zero vector maps to zero with a zero (not NaN) gradient."""
+    return x * torch.rsqrt((x * x).sum(dim, keepdim=True).clamp_min(eps * eps))
+
+
+def l1_normalize(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
+    return x / x.abs().sum(dim, keepdim=True).clamp_min(eps)
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """[C] lengths -> [C, L] bool mask, True on real tokens."""
+    max_len = int(lengths.max()) if max_len is None else max_len
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Mean of x over `dim` counting only mask==True entries (mask broadcastable to x)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
+
+
+def masked_log_sum_exp(x: torch.Tensor, mask: torch.Tensor, temperature: float, dim: int = -1) -> torch.Tensor:
+    """SCAN's LogSumExp pooling: (1/t) log sum_valid exp(t x)."""
+    z = (x * temperature).masked_fill(~mask, float("-inf"))
+    return torch.logsumexp(z, dim=dim) / temperature
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "mean", lse_temperature: float = 6.0,
+              dim: int = -1) -> torch.Tensor:
+    """Pools per-item similarities into one score: 'mean' (CASC Eq. 5/7 averages) or 'lse' (SCAN)."""
+    mask = mask.expand_as(x)
+    if how == "mean":
+        return masked_mean(x, mask, dim)
+    if how == "lse":
+        return masked_log_sum_exp(x, mask, lse_temperature, dim)
+    raise ValueError(f"unknown aggregation {how!r}: use 'mean' or 'lse'")
+
+
+SCORE_NORMS = ("clipped_l2", "relu_l2", "l2", "clipped_l1", "l1", "softmax", "none")
+
+
+def normalize_scores(s: torch.Tensor, query_mask: torch.Tensor, how: str = "clipped_l2", dim: int = -2) -> torch.Tensor:
+    """Normalises raw region-word scores over the *query* axis before the attention softmax.
+
+    'clipped_l2' is SCAN's (and CASC's): LeakyReLU(0.1) then l2 over the query side; 'relu_l2' is
+    CCCL's Eq. (17) (ReLU then l2). Padded query items are zeroed first so they do not enter the norm.
+    """
+    if how == "none":
+        return s
+    qm = query_mask.expand_as(s)
+    if how == "softmax":
+        return torch.softmax(s.masked_fill(~qm, float("-inf")), dim=dim).masked_fill(~qm, 0.0)
+    if how.startswith("clipped"):
+        s = F.leaky_relu(s, 0.1)
+    elif how.startswith("relu"):
+        s = F.relu(s)
+    s = s.masked_fill(~qm, 0.0)
+    if how.endswith("l2"):
+        return l2_normalize(s, dim=dim)
+    if how.endswith("l1"):
+        return l1_normalize(s, dim=dim)
+    raise ValueError(f"unknown score normalisation {how!r}: use one of {SCORE_NORMS}")
