@@ -118,8 +118,8 @@ def _slow_triplet(sims, margin, hardest, image_ids):
     total = 0.0
     b = len(sims)
     for n in range(b):
-        cap_costs = [max(0.0, margin - sims[n, n] + sims[n, c]) for c in range(b) if image_ids[c] != image_ids[n]]
-        img_costs = [max(0.0, margin - sims[n, n] + sims[m, n]) for m in range(b) if image_ids[m] != image_ids[n]]
+        cap_costs = [max(0.0, margin - sims[n][n] + sims[n][c]) for c in range(b) if image_ids[c] != image_ids[n]]
+        img_costs = [max(0.0, margin - sims[n][n] + sims[m][n]) for m in range(b) if image_ids[m] != image_ids[n]]
         if hardest:
             total += max(cap_costs, default=0.0) + max(img_costs, default=0.0)
         else:
