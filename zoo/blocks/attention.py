@@ -12,20 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .functional import EPS, aggregate, lengths_to_mask, normalize_scores, safe_sqrt
+from .functional import aggregate, l2_normalize, lengths_to_mask, normalize_scores, safe_sqrt
 
 
 @dataclass
 class RegionWordScores:
     """Everything the two attention directions share for one block of (image, caption) pairs."""
 
-    dots: torch.Tensor  # [I, C, R, L] raw v_i . t_j
     cosine: torch.Tensor  # [I, C, R, L] s_ij, CASC Eq. (3)
     region_norms: torch.Tensor  # [I, R]
-    word_norms: torch.Tensor  # [C, L]
+    word_norms: torch.Tensor  # [C, L] (0 on padding)
     word_mask: torch.Tensor  # [C, L] True on real words
-    images: torch.Tensor
-    captions: torch.Tensor
+    region_unit: torch.Tensor  # [I, R, d] l2-normalised regions
+    word_unit: torch.Tensor  # [C, L, d] l2-normalised words (0 on padding)
 
 
 def region_word_scores(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> RegionWordScores:
@@ -34,32 +33,37 @@ def region_word_scores(images: torch.Tensor, captions: torch.Tensor, lengths: to
         raise ValueError(f"expected images [I, R, d] and captions [C, L, d], got {tuple(images.shape)} and {tuple(captions.shape)}")
     word_mask = lengths_to_mask(lengths, captions.shape[1])
     captions = captions * word_mask[..., None].to(captions.dtype)  # padding never leaks into a score
-    dots = torch.einsum("ird,cld->icrl", images, captions)
-    region_norms = images.norm(dim=-1)
-    word_norms = captions.norm(dim=-1)
-    inv_r = 1.0 / region_norms.clamp_min(EPS)
-    inv_w = 1.0 / word_norms.clamp_min(EPS)
-    cosine = dots * inv_r[:, None, :, None] * inv_w[None, :, None, :]
-    return RegionWordScores(dots, cosine, region_norms, word_norms, word_mask, images, captions)
+    region_unit, word_unit = l2_normalize(images), l2_normalize(captions)
+    cosine = torch.einsum("ird,cld->icrl", region_unit, word_unit)
+    return RegionWordScores(cosine, images.norm(dim=-1), captions.norm(dim=-1), word_mask, region_unit, word_unit)
 
 
-def attention_weights(scores: torch.Tensor, query_mask: torch.Tensor, context_mask: torch.Tensor,
-                      smooth: float, norm: str = "clipped_l2") -> torch.Tensor:
+def attention_weights(scores: torch.Tensor, query_mask: torch.Tensor | None, context_mask: torch.Tensor | None,
+                      smooth: float, norm: str = "clipped_l2", context_dim: int = -1) -> torch.Tensor:
     """CASC Eqs. (4) and (6): alpha = softmax_context(lambda * norm_query(s)).
 
-    scores [..., Q, K]; query_mask broadcastable to [..., Q, 1]; context_mask to [..., 1, K].
+    scores [..., Q, K] (context_dim=-1) or [..., K, Q] (context_dim=-2, so T2I needs no transposed copy);
+    masks broadcastable to scores, True on real items; None = all real.
     """
-    s = normalize_scores(scores, query_mask, norm, dim=-2)
-    s = (smooth * s).masked_fill(~context_mask.expand_as(s), float("-inf"))
-    return torch.softmax(s, dim=-1)
+    query_dim = -2 if context_dim == -1 else -1
+    s = normalize_scores(scores, query_mask, norm, dim=query_dim) * smooth
+    if context_mask is not None:
+        s = s.masked_fill(~context_mask, float("-inf"))
+    return torch.softmax(s, dim=context_dim)
 
 
-def _attended_cosine(dots: torch.Tensor, weights: torch.Tensor, context_gram: torch.Tensor,
-                     query_norms: torch.Tensor) -> torch.Tensor:
-    """CASC Eqs. (5) and (7): cos(q, a) with a = sum_k alpha_k c_k, from dot products only. [..., Q]."""
-    num = (weights * dots).sum(-1)
-    sq = (torch.matmul(weights, context_gram) * weights).sum(-1)
-    return num / (query_norms.clamp_min(EPS) * safe_sqrt(sq))
+def _attended_cosine(cosine: torch.Tensor, weights: torch.Tensor, context_norms: torch.Tensor,
+                     unit_gram: torch.Tensor, context_dim: int = -1) -> torch.Tensor:
+    """CASC Eqs. (5) and (7): cos(q, a), a = sum_k alpha_k c_k, without forming a. Returns [..., Q].
+
+    With c_k = |c_k| u_k and w_k = alpha_k |c_k|: cos(q, a) = sum_k w_k cos(q, c_k) / sqrt(w^T U w), where U is
+    the Gram matrix of the unit context vectors u_k.
+    """
+    w = weights * context_norms
+    num = (w * cosine).sum(context_dim)
+    uw = torch.matmul(w, unit_gram) if context_dim == -1 else torch.matmul(unit_gram, w)
+    sq = (uw * w).sum(context_dim)
+    return num / safe_sqrt(sq)
 
 
 def i2t_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, smooth: float = 9.0,
@@ -67,13 +71,12 @@ def i2t_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.
                    scores: RegionWordScores | None = None) -> torch.Tensor:
     """S_I2T(I, T), CASC Eqs. (4)-(5): each region attends over the words (lambda_1); pooled over regions."""
     sc = scores if scores is not None else region_word_scores(images, captions, lengths)
-    n_img, n_reg = sc.region_norms.shape
-    query_mask = torch.ones(1, 1, n_reg, 1, dtype=torch.bool, device=sc.dots.device)
     context_mask = sc.word_mask[None, :, None, :]
-    alpha = attention_weights(sc.cosine, query_mask, context_mask, smooth, norm)  # [I, C, R, L]
-    word_gram = torch.einsum("cld,cmd->clm", sc.captions, sc.captions)[None]  # [1, C, L, L]
-    per_region = _attended_cosine(sc.dots, alpha, word_gram, sc.region_norms[:, None, :])  # [I, C, R]
-    return aggregate(per_region, query_mask[..., 0], agg, lse_temperature)
+    alpha = attention_weights(sc.cosine, None, context_mask, smooth, norm)  # [I, C, R, L]
+    word_gram = torch.einsum("cld,cmd->clm", sc.word_unit, sc.word_unit)[None]  # [1, C, L, L]
+    per_region = _attended_cosine(sc.cosine, alpha, sc.word_norms[None, :, None, :], word_gram)  # [I, C, R]
+    all_regions = torch.ones(1, 1, 1, dtype=torch.bool, device=per_region.device)
+    return aggregate(per_region, all_regions, agg, lse_temperature)
 
 
 def t2i_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *, smooth: float = 4.0,
@@ -81,13 +84,11 @@ def t2i_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.
                    scores: RegionWordScores | None = None) -> torch.Tensor:
     """S_T2I(I, T), CASC Eqs. (6)-(7): each word attends over the regions (lambda_2); pooled over real words."""
     sc = scores if scores is not None else region_word_scores(images, captions, lengths)
-    cos = sc.cosine.transpose(-1, -2)  # [I, C, L, R]: query = words, context = regions
-    dots = sc.dots.transpose(-1, -2)
-    query_mask = sc.word_mask[None, :, :, None]
-    context_mask = torch.ones(1, 1, 1, cos.shape[-1], dtype=torch.bool, device=cos.device)
-    alpha = attention_weights(cos, query_mask, context_mask, smooth, norm)  # [I, C, L, R]
-    region_gram = torch.einsum("ird,iqd->irq", sc.images, sc.images)[:, None]  # [I, 1, R, R]
-    per_word = _attended_cosine(dots, alpha, region_gram, sc.word_norms[None])  # [I, C, L]
+    # layout stays [I, C, R, L]: query = words (last dim), context = regions (dim -2)
+    query_mask = sc.word_mask[None, :, None, :]
+    alpha = attention_weights(sc.cosine, query_mask, None, smooth, norm, context_dim=-2)  # [I, C, R, L]
+    region_gram = torch.einsum("ird,iqd->irq", sc.region_unit, sc.region_unit)[:, None]  # [I, 1, R, R]
+    per_word = _attended_cosine(sc.cosine, alpha, sc.region_norms[:, None, :, None], region_gram, -2)  # [I, C, L]
     return aggregate(per_word, sc.word_mask[None], agg, lse_temperature)
 
 
@@ -102,7 +103,6 @@ def attend(query: torch.Tensor, context: torch.Tensor, *, smooth: float, norm: s
     qm = torch.ones(b, q, dtype=torch.bool, device=query.device) if query_mask is None else query_mask
     km = torch.ones(b, k, dtype=torch.bool, device=query.device) if context_mask is None else context_mask
     context = context * km[..., None].to(context.dtype)
-    dots = torch.einsum("bqd,bkd->bqk", query, context)
-    cos = dots / (query.norm(dim=-1).clamp_min(EPS)[:, :, None] * context.norm(dim=-1).clamp_min(EPS)[:, None, :])
+    cos = torch.einsum("bqd,bkd->bqk", l2_normalize(query), l2_normalize(context))
     alpha = attention_weights(cos, qm[:, :, None], km[:, None, :], smooth, norm)
     return torch.bmm(alpha, context), alpha

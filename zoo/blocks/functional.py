@@ -57,22 +57,27 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "mean", lse_temper
 SCORE_NORMS = ("clipped_l2", "relu_l2", "l2", "clipped_l1", "l1", "softmax", "none")
 
 
-def normalize_scores(s: torch.Tensor, query_mask: torch.Tensor, how: str = "clipped_l2", dim: int = -2) -> torch.Tensor:
+def normalize_scores(s: torch.Tensor, query_mask: torch.Tensor | None, how: str = "clipped_l2",
+                     dim: int = -2) -> torch.Tensor:
     """Normalises raw region-word scores over the *query* axis before the attention softmax.
 
     'clipped_l2' is SCAN's (and CASC's): LeakyReLU(0.1) then l2 over the query side; 'relu_l2' is
-    CCCL's Eq. (17) (ReLU then l2). Padded query items are zeroed first so they do not enter the norm.
+    CCCL's Eq. (17) (ReLU then l2). Padded query items are zeroed first so they do not enter the norm
+    (query_mask None = every query item is real).
     """
     if how == "none":
         return s
-    qm = query_mask.expand_as(s)
     if how == "softmax":
+        if query_mask is None:
+            return torch.softmax(s, dim=dim)
+        qm = query_mask.expand_as(s)
         return torch.softmax(s.masked_fill(~qm, float("-inf")), dim=dim).masked_fill(~qm, 0.0)
     if how.startswith("clipped"):
         s = F.leaky_relu(s, 0.1)
     elif how.startswith("relu"):
         s = F.relu(s)
-    s = s.masked_fill(~qm, 0.0)
+    if query_mask is not None:
+        s = s * query_mask.to(s.dtype)
     if how.endswith("l2"):
         return l2_normalize(s, dim=dim)
     if how.endswith("l1"):

@@ -1,0 +1,110 @@
+"""Datasets and the collate function.
+
+Training items are captions (each paired with its image); evaluation items are images with all their
+captions, so evaluation encodes every image once. Both produce the same batch keys:
+  images [B, R, F] float, boxes [B, R, 4] (with_boxes), tokens [C, L] long (0 = pad), lengths [C],
+  image_ids [B], caption_ids [C], pos [C, L] UPOS ids (with_pos), adjacency [C, L, L] dependency arcs,
+  symmetric, no self loops (with_graphs); word positions include <start>/<end>, which have no arcs.
+In training B == C and row n of images belongs to caption n.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .layout import SplitData
+from .prepare import ParseTable
+from .text import Vocabulary, tokenize
+
+
+class EncodedCaptions:
+    """All captions of a split as token ids in one flat array (cheap to share with worker processes)."""
+
+    def __init__(self, captions: list[str], vocab: Vocabulary):
+        ids = [vocab.encode(tokenize(c)) for c in captions]
+        self.offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+        self.flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(self.offsets[-1]))
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.flat[self.offsets[k] : self.offsets[k + 1]]
+
+
+class _Base(Dataset):
+    def __init__(self, data: SplitData, vocab: Vocabulary, with_boxes: bool = False, parses: ParseTable | None = None,
+                 with_pos: bool = False, with_graphs: bool = False):
+        self.data, self.with_boxes, self.parses = data, with_boxes, parses
+        self.with_pos, self.with_graphs = with_pos, with_graphs
+        self.tokens = EncodedCaptions(data.captions, vocab)
+
+    def _caption(self, k: int) -> dict:
+        item = {"tokens": self.tokens[k], "caption_id": k}
+        if self.parses is not None:
+            upos, heads = self.parses.get(k)
+            n_words = len(self.tokens[k]) - 2
+            if len(upos) != n_words:
+                raise RuntimeError(f"parse of caption {k} has {len(upos)} words, tokenizer gives {n_words}; "
+                                   "re-run zoo-prepare")
+            item["upos"], item["heads"] = upos, heads
+        return item
+
+    def _image(self, i: int) -> dict:
+        item = {"image": self.data.image_features(i), "image_id": i}
+        if self.with_boxes:
+            item["boxes"] = self.data.image_boxes(i)
+        return item
+
+
+class CaptionPairs(_Base):
+    """Training: one item per caption, with its image."""
+
+    def __len__(self) -> int:
+        return len(self.data.captions)
+
+    def __getitem__(self, k: int) -> dict:
+        return {**self._image(k // self.data.caps_per_image), "captions": [self._caption(k)]}
+
+
+class ImageWithCaptions(_Base):
+    """Evaluation: one item per image, with all of its captions."""
+
+    def __len__(self) -> int:
+        return self.data.n_images
+
+    def __getitem__(self, i: int) -> dict:
+        k = self.data.caps_per_image
+        return {**self._image(i), "captions": [self._caption(c) for c in range(i * k, (i + 1) * k)]}
+
+
+def collate(items: list[dict], with_pos: bool = False, with_graphs: bool = False) -> dict:
+    caps = [c for it in items for c in it["captions"]]
+    lengths = torch.tensor([len(c["tokens"]) for c in caps], dtype=torch.long)
+    L = int(lengths.max())
+    tokens = torch.zeros(len(caps), L, dtype=torch.long)
+    for n, c in enumerate(caps):
+        tokens[n, : len(c["tokens"])] = torch.from_numpy(np.asarray(c["tokens"]))
+    batch = {
+        "images": torch.from_numpy(np.stack([it["image"] for it in items])),
+        "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
+        "tokens": tokens,
+        "lengths": lengths,
+        "caption_ids": torch.tensor([c["caption_id"] for c in caps], dtype=torch.long),
+    }
+    if "boxes" in items[0]:
+        batch["boxes"] = torch.from_numpy(np.stack([it["boxes"] for it in items]))
+    if with_pos:
+        pos = torch.zeros(len(caps), L, dtype=torch.long)
+        for n, c in enumerate(caps):
+            pos[n, 1 : 1 + len(c["upos"])] = torch.from_numpy(c["upos"].astype(np.int64))
+        batch["pos"] = pos
+    if with_graphs:
+        adj = torch.zeros(len(caps), L, L, dtype=torch.float32)
+        for n, c in enumerate(caps):
+            heads = c["heads"].astype(np.int64)
+            dep = np.flatnonzero(heads >= 0)
+            if dep.size:  # word positions are shifted by one for <start>
+                i, j = torch.from_numpy(dep + 1), torch.from_numpy(heads[dep] + 1)
+                adj[n, i, j] = 1.0
+                adj[n, j, i] = 1.0
+        batch["adjacency"] = adj
+    return batch

@@ -1,0 +1,142 @@
+"""LightningDataModule over the standard precomputed-feature layout."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from .datasets import CaptionPairs, ImageWithCaptions, collate
+from .errors import LAYOUT_HELP, DataError
+from .layout import SplitData, load_split, split_paths
+from .prepare import ParseTable, build_vocab, parse_path, parse_split
+from .text import Vocabulary
+
+
+class PrecompDataModule(L.LightningDataModule):
+    """Serves precomputed bottom-up region features, captions and (optionally) boxes, POS tags and
+    dependency graphs, in the layout SCAN distributed.
+
+    Args:
+        root: folder holding {split}_ims.npy, {split}_caps.txt (and {split}_boxes.npy).
+        train_split / val_split / test_split: split names (Flickr30K: train, dev, test; COCO: train, dev, testall).
+        val_max_images: validate on the first this-many images of val_split (1,000 as in the standard code).
+        test_max_images: likewise for test (None = all; COCO testall = 5K, folds of 1K are reported too).
+        num_regions / feature_dim: expected feature shape [N, num_regions, feature_dim].
+        with_boxes / with_pos / with_graphs: also serve region boxes / UPOS tags / dependency adjacency.
+        parser: 'spacy' or 'stanza' backend for POS tags and graphs.
+        vocab_path: a vocabulary JSON (SCAN format); default <cache_dir>/vocab.json, built from train captions.
+        vocab_min_count: minimum count of a word to enter the vocabulary (SCAN: 4).
+        cache_dir: where artifacts are written (default: root).
+        auto_prepare: build missing vocabulary/parses in prepare_data instead of failing.
+    """
+
+    def __init__(self, root: str, train_split: str = "train", val_split: str = "dev", test_split: str = "test",
+                 val_max_images: int | None = 1000, test_max_images: int | None = None, caps_per_image: int = 5,
+                 num_regions: int = 36, feature_dim: int = 2048, with_boxes: bool = False, with_pos: bool = False,
+                 with_graphs: bool = False, parser: str = "spacy", vocab_path: str | None = None,
+                 vocab_min_count: int = 4, cache_dir: str | None = None, auto_prepare: bool = True,
+                 batch_size: int = 128, eval_batch_size: int = 128, num_workers: int = 2):
+        super().__init__()
+        self.root = Path(root)
+        self.splits = {"fit": train_split, "val": val_split, "test": test_split}
+        self.max_images = {"fit": None, "val": val_max_images, "test": test_max_images}
+        self.caps_per_image, self.num_regions, self.feature_dim = caps_per_image, num_regions, feature_dim
+        self.with_boxes, self.with_pos, self.with_graphs = with_boxes, with_pos, with_graphs
+        self.parser = parser
+        self.cache_dir = Path(cache_dir) if cache_dir else self.root
+        self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / "vocab.json"
+        self.vocab_min_count = vocab_min_count
+        self.auto_prepare = auto_prepare
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self._vocab: Vocabulary | None = None
+        self._data: dict[str, SplitData] = {}
+        self._datasets: dict[str, object] = {}
+
+    # ---- artifacts ----------------------------------------------------------------------------------
+    @property
+    def needs_parses(self) -> bool:
+        return self.with_pos or self.with_graphs
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise DataError(self.root, "data folder not found", LAYOUT_HELP)
+
+    def prepare_data(self) -> None:
+        """Runs on one process per node: builds what is missing (vocabulary, parses)."""
+        self._check_root()
+        if not self.vocab_path.exists():
+            if not self.auto_prepare:
+                raise DataError(self.vocab_path, "vocabulary not found", "run `zoo-prepare --root <data>`")
+            caps = split_paths(self.root, self.splits["fit"])["caps"]
+            rank_zero_info(f"building the vocabulary from {caps} -> {self.vocab_path}")
+            build_vocab(caps, self.vocab_path, self.vocab_min_count)
+        if self.needs_parses:
+            for stage in ("fit", "val", "test"):
+                split = self.splits[stage]
+                out = parse_path(self.cache_dir, split, self.parser)
+                caps_file = split_paths(self.root, split)["caps"]
+                if not out.exists() and caps_file.exists() and self.auto_prepare:
+                    from .layout import read_captions
+
+                    parse_split(read_captions(caps_file), out, self.parser)
+
+    @property
+    def vocab(self) -> Vocabulary:
+        if self._vocab is None:
+            if not self.vocab_path.exists():
+                self.prepare_data()  # used outside a Trainer
+            self._vocab = Vocabulary.load(self.vocab_path)
+        return self._vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    # ---- splits -------------------------------------------------------------------------------------
+    def split_data(self, stage: str) -> SplitData:
+        if stage not in self._data:
+            self._check_root()
+            self._data[stage] = load_split(self.root, self.splits[stage], num_regions=self.num_regions,
+                                           feature_dim=self.feature_dim, caps_per_image=self.caps_per_image,
+                                           with_boxes=self.with_boxes, max_images=self.max_images[stage])
+        return self._data[stage]
+
+    def dataset(self, stage: str):
+        if stage not in self._datasets:
+            data = self.split_data(stage)
+            parses = None
+            if self.needs_parses:
+                parses = ParseTable(parse_path(self.cache_dir, data.split, self.parser), data.all_captions)
+            cls = CaptionPairs if stage == "fit" else ImageWithCaptions
+            self._datasets[stage] = cls(data, self.vocab, self.with_boxes, parses, self.with_pos, self.with_graphs)
+        return self._datasets[stage]
+
+    def setup(self, stage: str) -> None:
+        needed = {"fit": ("fit", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
+        for s in needed:
+            self.dataset(s)
+
+    def num_eval_images(self, stage: str) -> int:
+        return self.split_data(stage).n_images
+
+    def describe(self, stage: str) -> str:
+        d = self.split_data(stage)
+        return f"{self.root.name}/{d.split} ({d.n_images} images, {len(d.captions)} captions)"
+
+    # ---- loaders ------------------------------------------------------------------------------------
+    def _loader(self, stage: str, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(self.dataset(stage), batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=partial(collate, with_pos=self.with_pos, with_graphs=self.with_graphs),
+                          persistent_workers=self.num_workers > 0, pin_memory=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("fit", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)

@@ -1,0 +1,245 @@
+"""SynthScenes: a procedural image-text benchmark written in the standard precomputed-feature layout.
+
+Each image is a scene of several objects (category, colour, size, action, count) on a background, with a
+position (box) per object. A simulated "detector" gives every object a few noisy regions whose features
+bind the object's category *and* its attributes together (so "a red dog and a blue ball" differs from
+"a blue dog and a red ball"), fills the remaining regions with background/clutter, and misses some
+objects altogether. Region features never encode position: spatial relations in the captions
+("a dog to the left of a ball") are recoverable only from {split}_boxes.npy.
+Captions (5 per image) come from a small grammar naming random subsets of the scene.
+
+Deterministic given (seed, sizes): the concept space comes from `world_seed`, shared by all splits.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+CATEGORIES = ["dog", "cat", "horse", "bird", "cow", "sheep", "man", "woman", "child", "ball", "car", "bike", "boat",
+              "kite", "umbrella", "bag", "hat", "bench", "chair", "table", "cup", "bottle", "guitar", "book", "lamp",
+              "clock", "bus", "truck", "frisbee", "tree"]
+ANIMATE = {"dog", "cat", "horse", "bird", "cow", "sheep", "man", "woman", "child"}
+PLURAL = {"man": "men", "woman": "women", "child": "children", "sheep": "sheep", "bus": "buses"}
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "brown", "orange", "pink", "purple"]
+SIZES = ["small", "large"]
+ACTIONS = ["running", "sitting", "jumping", "sleeping", "eating", "standing"]
+SCENES = {"grass": "on the grass", "beach": "on the beach", "street": "in the street", "room": "in a room",
+          "snow": "in the snow", "water": "near the water", "park": "in the park", "kitchen": "in a kitchen"}
+RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+NUMBERS = {2: "two", 3: "three"}
+N_CLUTTER = 50
+
+
+@dataclass
+class SynthScenesConfig:
+    n_train: int = 3000
+    n_dev: int = 500
+    n_test: int = 1000
+    num_regions: int = 36
+    feature_dim: int = 2048
+    seed: int = 0
+    world_seed: int = 1234
+    min_objects: int = 2
+    max_objects: int = 5
+    regions_per_object: tuple[int, int] = (1, 3)
+    miss_prob: float = 0.1  # an object the detector does not see at all
+    noise: float = 1.0
+    attribute_strength: float = 0.8
+    caps_per_image: int = 5
+    version: int = 1
+    splits: dict = field(default_factory=dict)
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class _World:
+    """The concept space: one random direction per category, colour, size, action, scene, clutter item."""
+
+    def __init__(self, cfg: SynthScenesConfig):
+        rng = np.random.default_rng(cfg.world_seed)
+        names = ([f"cat:{c}" for c in CATEGORIES] + [f"col:{c}" for c in COLOURS] + [f"size:{s}" for s in SIZES]
+                 + [f"act:{a}" for a in ACTIONS] + [f"scene:{s}" for s in SCENES] + [f"clutter:{i}" for i in range(N_CLUTTER)])
+        self.index = {n: i for i, n in enumerate(names)}
+        self.vectors = rng.standard_normal((len(names), cfg.feature_dim)).astype(np.float32)
+
+
+def _plural(noun: str) -> str:
+    return PLURAL.get(noun, noun + "s")
+
+
+def _sample_scene(rng: np.random.Generator, cfg: SynthScenesConfig) -> dict:
+    n_groups = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    cats = rng.choice(len(CATEGORIES), size=n_groups, replace=False)
+    groups = []
+    for c in cats:
+        cat = CATEGORIES[c]
+        count = int(rng.choice([1, 1, 1, 1, 2, 3]))
+        grp = {"category": cat, "colour": COLOURS[rng.integers(len(COLOURS))], "count": count,
+               "size": SIZES[rng.integers(len(SIZES))] if rng.random() < 0.5 else None,
+               "action": ACTIONS[rng.integers(len(ACTIONS))] if cat in ANIMATE else None, "boxes": []}
+        cx, cy = rng.uniform(0.15, 0.85, size=2)
+        for _ in range(count):
+            w, h = rng.uniform(0.1, 0.3, size=2)
+            x, y = np.clip(cx + rng.normal(0, 0.04), w / 2, 1 - w / 2), np.clip(cy + rng.normal(0, 0.04), h / 2, 1 - h / 2)
+            grp["boxes"].append([x - w / 2, y - h / 2, x + w / 2, y + h / 2])
+        groups.append(grp)
+    return {"scene": list(SCENES)[rng.integers(len(SCENES))], "groups": groups}
+
+
+def _describe(grp: dict, rng: np.random.Generator) -> str:
+    words = []
+    if grp["size"] and rng.random() < 0.5:
+        words.append(grp["size"])
+    if rng.random() < 0.85:
+        words.append(grp["colour"])
+    if grp["count"] > 1:
+        phrase = " ".join([NUMBERS[grp["count"]]] + words + [_plural(grp["category"])])
+    else:
+        phrase = " ".join(["a"] + words + [grp["category"]])
+    return phrase
+
+
+def _relation(a: dict, b: dict) -> str | None:
+    ca, cb = np.mean(a["boxes"], axis=0), np.mean(b["boxes"], axis=0)
+    ax, ay, bx, by = (ca[0] + ca[2]) / 2, (ca[1] + ca[3]) / 2, (cb[0] + cb[2]) / 2, (cb[1] + cb[3]) / 2
+    dx, dy = bx - ax, by - ay
+    if max(abs(dx), abs(dy)) < 0.15:
+        return None
+    if abs(dx) >= abs(dy):
+        return "left" if dx > 0 else "right"
+    return "above" if dy > 0 else "below"  # image y grows downwards
+
+
+def _caption(scene: dict, rng: np.random.Generator) -> str:
+    groups = scene["groups"]
+    k = int(rng.choice([1, 2, 2, 3])) if len(groups) >= 3 else int(rng.integers(1, len(groups) + 1))
+    picked = [groups[i] for i in rng.choice(len(groups), size=min(k, len(groups)), replace=False)]
+    first = picked[0]
+    text = _describe(first, rng)
+    if first["action"] and rng.random() < 0.6:
+        text += (" are " if first["count"] > 1 else " is ") + first["action"]
+    if len(picked) >= 2:
+        rel = _relation(first, picked[1]) if rng.random() < 0.5 else None
+        text += (" " + RELATIONS[rel] + " " if rel else " and ") + _describe(picked[1], rng)
+        for g in picked[2:]:
+            text += " and " + _describe(g, rng)
+    if rng.random() < 0.4:
+        text += " " + SCENES[scene["scene"]]
+    if rng.random() < 0.3:
+        text = "there is " + text if first["count"] == 1 else "there are " + text
+    return text + " ."
+
+
+def _render(scene: dict, rng: np.random.Generator, world: _World, cfg: SynthScenesConfig):
+    """Mixing weights [R, concepts] and boxes [R, 4] of the detector's regions for one scene."""
+    R = cfg.num_regions
+    mix = np.zeros((R, len(world.index)), dtype=np.float32)
+    boxes = np.zeros((R, 4), dtype=np.float32)
+    r = 0
+    for grp in scene["groups"]:
+        for box in grp["boxes"]:
+            if rng.random() < cfg.miss_prob:
+                continue
+            for _ in range(int(rng.integers(cfg.regions_per_object[0], cfg.regions_per_object[1] + 1))):
+                if r >= R:
+                    break
+                mix[r, world.index[f"cat:{grp['category']}"]] = rng.uniform(0.7, 1.2)
+                mix[r, world.index[f"col:{grp['colour']}"]] = cfg.attribute_strength * rng.uniform(0.5, 1.2)
+                if grp["size"]:
+                    mix[r, world.index[f"size:{grp['size']}"]] = 0.5 * cfg.attribute_strength * rng.uniform(0.5, 1.2)
+                if grp["action"]:
+                    mix[r, world.index[f"act:{grp['action']}"]] = 0.6 * cfg.attribute_strength * rng.uniform(0.5, 1.2)
+                jit = rng.normal(0, 0.02, size=4)
+                boxes[r] = np.clip(np.array(box) + jit, 0, 1)
+                r += 1
+    for q in range(r, R):  # background and clutter the captions never name
+        mix[q, world.index[f"scene:{scene['scene']}"]] = rng.uniform(0.3, 1.0)
+        mix[q, world.index[f"clutter:{rng.integers(N_CLUTTER)}"]] = rng.uniform(0.5, 1.2)
+        x1, y1 = rng.uniform(0, 0.8, size=2)
+        boxes[q] = [x1, y1, min(1.0, x1 + rng.uniform(0.05, 0.4)), min(1.0, y1 + rng.uniform(0.05, 0.4))]
+    boxes[:, 2] = np.maximum(boxes[:, 2], boxes[:, 0])
+    boxes[:, 3] = np.maximum(boxes[:, 3], boxes[:, 1])
+    perm = rng.permutation(R)  # detectors return regions in no particular order
+    return mix[perm], boxes[perm]
+
+
+def generate_split(root: Path, split: str, n_images: int, cfg: SynthScenesConfig, world: _World, seed: int,
+                   progress: bool = True) -> None:
+    rng = np.random.default_rng(seed)
+    feats = np.lib.format.open_memmap(root / f"{split}_ims.npy.tmp", mode="w+", dtype=np.float32,
+                                      shape=(n_images, cfg.num_regions, cfg.feature_dim))
+    boxes = np.zeros((n_images, cfg.num_regions, 4), dtype=np.float32)
+    captions, scenes = [], []
+    step = 256
+    for a in tqdm(range(0, n_images, step), desc=f"SynthScenes {split}", disable=not progress, leave=False):
+        b = min(a + step, n_images)
+        mixes = []
+        for i in range(a, b):
+            scene = _sample_scene(rng, cfg)
+            mix, boxes[i] = _render(scene, rng, world, cfg)
+            mixes.append(mix)
+            captions += [_caption(scene, rng) for _ in range(cfg.caps_per_image)]
+            scenes.append(scene)
+        x = np.stack(mixes) @ world.vectors
+        x += cfg.noise * rng.standard_normal(x.shape, dtype=np.float32)
+        feats[a:b] = np.maximum(x, 0.0)  # bottom-up features are post-ReLU, non-negative
+    feats.flush()
+    del feats
+    np.save(root / f"{split}_boxes.npy", boxes)
+    (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n")
+    (root / f"{split}_scenes.json").write_text(json.dumps(scenes))
+    (root / f"{split}_ims.npy.tmp").replace(root / f"{split}_ims.npy")
+
+
+def generate_synthscenes(root: str | Path, cfg: SynthScenesConfig | None = None, progress: bool = True) -> Path:
+    """Writes train/dev/test splits under root (skipped when a matching copy is already there)."""
+    cfg = cfg or SynthScenesConfig()
+    root = Path(root)
+    stamp = root / "synthscenes.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("digest") == cfg.digest():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    world = _World(cfg)
+    for i, (split, n) in enumerate((("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test))):
+        generate_split(root, split, n, cfg, world, seed=cfg.seed * 1000 + i, progress=progress)
+    stamp.write_text(json.dumps({"digest": cfg.digest(), "config": asdict(cfg)}, indent=1))
+    return root
+
+
+def _datamodule_base():
+    from .precomp import PrecompDataModule
+
+    return PrecompDataModule
+
+
+class SynthScenesDataModule(_datamodule_base()):
+    """PrecompDataModule over SynthScenes, generated into `root` on first use (deterministic by seed).
+
+    Sizes and difficulty are arguments; everything else (batching, boxes, graphs) is PrecompDataModule's.
+    """
+
+    def __init__(self, root: str = ".cache/synthscenes", n_train: int = 3000, n_dev: int = 500, n_test: int = 1000,
+                 seed: int = 0, num_regions: int = 36, feature_dim: int = 2048, noise: float = 1.0,
+                 miss_prob: float = 0.1, **kwargs):
+        kwargs.setdefault("val_max_images", None)
+        kwargs.setdefault("test_split", "test")
+        super().__init__(root, num_regions=num_regions, feature_dim=feature_dim, **kwargs)
+        self.synth_config = SynthScenesConfig(n_train=n_train, n_dev=n_dev, n_test=n_test, seed=seed,
+                                              num_regions=num_regions, feature_dim=feature_dim, noise=noise,
+                                              miss_prob=miss_prob, caps_per_image=self.caps_per_image)
+
+    def prepare_data(self) -> None:
+        stamp = self.root / "synthscenes.json"
+        fresh = not (stamp.exists() and json.loads(stamp.read_text()).get("digest") == self.synth_config.digest())
+        if fresh:
+            # artifacts of an older copy would not match the new captions
+            for old in list(self.cache_dir.glob("vocab.json")) + list(self.cache_dir.glob("*_parse.*.npz")):
+                old.unlink()
+            generate_synthscenes(self.root, self.synth_config)
+        super().prepare_data()

@@ -1,0 +1,40 @@
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ["dog", "cat", "ball", "red", "blue", "runs", "sits", "grass", "man", "car"]
+
+
+def write_split(root, split, n_images=6, regions=4, dim=8, caps_per_image=5, repeat_rows=False, boxes=True, seed=0,
+                captions=None):
+    """A tiny dataset in the standard layout."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    feats = rng.random((n_images, regions, dim), dtype=np.float32)
+    if repeat_rows:
+        feats = np.repeat(feats, caps_per_image, axis=0)
+    np.save(root / f"{split}_ims.npy", feats)
+    if boxes:
+        b = np.sort(rng.random((feats.shape[0], regions, 4), dtype=np.float32), axis=-1)[..., [0, 1, 2, 3]]
+        b = np.stack([b[..., 0], b[..., 1], b[..., 2], b[..., 3]], -1)
+        b[..., 2] = np.maximum(b[..., 2], b[..., 0])
+        b[..., 3] = np.maximum(b[..., 3], b[..., 1])
+        np.save(root / f"{split}_boxes.npy", b)
+    if captions is None:
+        captions = []
+        for i in range(n_images * caps_per_image):
+            captions.append(f"a {WORDS[i % 10]} and a {WORDS[(i * 3 + 1) % 10]} {WORDS[(i // 5) % 10]} .")
+    (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n")
+    return feats
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    root = tmp_path / "precomp"
+    write_split(root, "train", n_images=12)
+    write_split(root, "dev", n_images=6, seed=1)
+    write_split(root, "test", n_images=6, seed=2)
+    return root

@@ -1,0 +1,68 @@
+"""CASC-base: CASC's local-alignment model (Xu et al., TNNLS 2020, Sec. III-A/B; Table I row 2).
+
+Regions -> FC + l2 (Eq. 1); words -> BiGRU + l2 (Eq. 2); similarity = average of the I2T (lambda_1 = 9)
+and T2I (lambda_2 = 4) cross-attention scores (Eqs. 3-7); hardest-negative triplet loss (Eqs. 8-9).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..blocks import BiGRUTextEncoder, RegionEncoder, i2t_similarity, region_word_scores, t2i_similarity
+from ..module import Emb, RetrievalModule
+
+
+class CASCBase(RetrievalModule):
+    """CASC-base. `direction` selects 'both' (CASC-base), 'i2t' or 't2i' (the single-branch variants).
+
+    Args:
+        vocab_size: size of the word vocabulary; None = taken from the datamodule at setup.
+        feature_dim / embed_dim / word_dim: 2048 -> d (1024 in the paper), 300-d word embeddings.
+        lambda_i2t / lambda_t2i: softmax smoothing lambda_1 / lambda_2.
+        score_norm: normalisation of raw region-word scores before the softmax (SCAN's 'clipped_l2').
+        aggregation: 'mean' (CASC) or 'lse' (SCAN's LogSumExp, temperature lse_temperature).
+    """
+
+    def __init__(self, vocab_size: int | None = None, feature_dim: int = 2048, embed_dim: int = 1024,
+                 word_dim: int = 300, direction: str = "both", lambda_i2t: float = 9.0, lambda_t2i: float = 4.0,
+                 score_norm: str = "clipped_l2", aggregation: str = "mean", lse_temperature: float = 6.0,
+                 **loop_kwargs):
+        super().__init__(**loop_kwargs)
+        if direction not in ("both", "i2t", "t2i"):
+            raise ValueError(f"direction must be 'both', 'i2t' or 't2i', got {direction!r}")
+        self.save_hyperparameters()
+        self.image_encoder = RegionEncoder(feature_dim, embed_dim)
+        self.text_encoder: BiGRUTextEncoder | None = None
+        if vocab_size is not None:
+            self._build_text(vocab_size)
+
+    def _build_text(self, vocab_size: int) -> None:
+        hp = self.hparams
+        self.text_encoder = BiGRUTextEncoder(vocab_size, hp.word_dim, hp.embed_dim)
+        self.hparams["vocab_size"] = vocab_size  # so checkpoints rebuild the same model
+
+    def configure_from_data(self, datamodule) -> None:
+        size = datamodule.vocab_size
+        if self.text_encoder is None:
+            self._build_text(size)
+        elif self.text_encoder.embed.num_embeddings != size:
+            raise ValueError(f"model vocabulary has {self.text_encoder.embed.num_embeddings} words but the data's "
+                             f"has {size}: use the vocabulary the model was trained with (data.vocab_path)")
+
+    def encode_images(self, batch: dict) -> Emb:
+        return {"regions": self.image_encoder(batch["images"])}
+
+    def encode_captions(self, batch: dict) -> Emb:
+        if self.text_encoder is None:
+            raise RuntimeError("CASCBase needs vocab_size (or a datamodule with a vocabulary) before encoding text")
+        return {"words": self.text_encoder(batch["tokens"], batch["lengths"]), "lengths": batch["lengths"]}
+
+    def score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        hp = self.hparams
+        sc = region_word_scores(img["regions"], cap["words"], cap["lengths"])
+        kw = dict(norm=hp.score_norm, agg=hp.aggregation, lse_temperature=hp.lse_temperature, scores=sc)
+        if hp.direction == "i2t":
+            return i2t_similarity(None, None, None, smooth=hp.lambda_i2t, **kw)
+        if hp.direction == "t2i":
+            return t2i_similarity(None, None, None, smooth=hp.lambda_t2i, **kw)
+        return 0.5 * (i2t_similarity(None, None, None, smooth=hp.lambda_i2t, **kw)
+                      + t2i_similarity(None, None, None, smooth=hp.lambda_t2i, **kw))

@@ -1,0 +1,166 @@
+"""The one retrieval LightningModule every method derives from: training step, evaluation, metrics.
+
+A method implements three things:
+- encode_images(batch) -> dict of tensors, one row per image in the batch;
+- encode_captions(batch) -> dict of tensors, one row per caption (with "lengths" for word sequences);
+- score(img, cap) -> [I, C] similarities of every image in `img` with every caption in `cap`.
+Pair-dependent scorers (cross attention, CCCL's GRU branch) work the same way: evaluation encodes every
+image and caption once, then calls `score` block by block over the whole [I, C] grid.
+Methods with extra losses override `training_losses`.
+"""
+from __future__ import annotations
+
+import torch
+import lightning as L
+import torch.distributed as dist
+
+from .blocks import triplet_ranking_loss
+from .evaluation import cat_embeddings, gather_and_order, score_blockwise
+from .metrics import RetrievalMetrics
+from .reporting import format_recall_table
+
+Emb = dict[str, torch.Tensor]
+
+
+class RetrievalModule(L.LightningModule):
+    """Shared training/evaluation loop.
+
+    Args:
+        margin: triplet margin (sigma in CASC Eq. (8)).
+        hardest_negative: hardest in-batch negatives (True) or the sum over all negatives.
+        lr: Adam learning rate; lr_decay_epochs: multiply it by lr_decay every that many epochs (0 = never).
+        eval_image_block / eval_caption_block: block sizes of the [I, C] scoring grid.
+        fold_size: also report the mean over folds of this many images (COCO 1K) when the set is larger.
+        caps_per_image: captions per image in evaluation splits.
+    """
+
+    def __init__(self, margin: float = 0.2, hardest_negative: bool = True, lr: float = 2e-4,
+                 lr_decay_epochs: int = 15, lr_decay: float = 0.1, eval_image_block: int = 128,
+                 eval_caption_block: int = 1024, fold_size: int | None = 1000, caps_per_image: int = 5):
+        super().__init__()
+        self.margin = margin
+        self.hardest_negative = hardest_negative
+        self.lr = lr
+        self.lr_decay_epochs = lr_decay_epochs
+        self.lr_decay = lr_decay
+        self.eval_image_block = eval_image_block
+        self.eval_caption_block = eval_caption_block
+        self.fold_size = fold_size
+        self.caps_per_image = caps_per_image
+        self._eval_chunks: dict[str, list] = {}
+        self.last_metrics: dict[str, dict[str, float]] = {}
+
+    # ---- what a method provides -------------------------------------------------------------------
+    def encode_images(self, batch: dict) -> Emb:
+        raise NotImplementedError
+
+    def encode_captions(self, batch: dict) -> Emb:
+        raise NotImplementedError
+
+    def score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        raise NotImplementedError
+
+    def configure_from_data(self, datamodule) -> None:
+        """Called once before training/evaluation with the datamodule (e.g. to size a vocabulary)."""
+
+    def training_losses(self, batch: dict, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
+        """Default objective: the hardest-negative triplet loss on the batch's pairs."""
+        sims = self.score(img, cap)
+        return {"triplet": triplet_ranking_loss(sims, self.margin, self.hardest_negative, batch["image_ids"])}
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            self.configure_from_data(dm)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        img = self.encode_images(batch)
+        cap = self.encode_captions(batch)
+        losses = self.training_losses(batch, img, cap)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: "
+                                     f"{ {k: float(v) for k, v in losses.items()} }")
+        bs = batch["tokens"].shape[0]
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if not self.lr_decay_epochs:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.lr_decay_epochs, gamma=self.lr_decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # evaluation: encode every image and caption once, then score the whole grid block by block
+    def _eval_start(self, stage: str) -> None:
+        self._eval_chunks[stage] = []
+
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        img = {k: v.detach() for k, v in self.encode_images(batch).items()}
+        cap = {k: v.detach() for k, v in self.encode_captions(batch).items()}
+        self._eval_chunks[stage].append((img, cap, batch["image_ids"], batch["caption_ids"]))
+
+    @torch.no_grad()
+    def evaluate_embeddings(self, img: Emb, cap: Emb, image_ids: torch.Tensor, caption_ids: torch.Tensor,
+                            n_images: int, progress: bool = False) -> dict[str, dict[str, float]]:
+        """Metrics from per-rank embeddings; identical on every rank. Usable without a Trainer."""
+        n_caps = n_images * self.caps_per_image
+        img = gather_and_order(img, image_ids, n_images, "images")
+        cap = gather_and_order(cap, caption_ids, n_caps, "captions")
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        per_rank = -(-n_images // world)
+        lo, hi = rank * per_rank, min(n_images, (rank + 1) * per_rank)  # each rank scores its own image rows
+        metric = RetrievalMetrics(self.caps_per_image, self.fold_size).to(next(iter(img.values())).device)
+        if hi > lo:
+            rows = score_blockwise(self.score, {k: v[lo:hi] for k, v in img.items()}, cap, self.eval_image_block,
+                                   self.eval_caption_block, progress=progress and rank == 0)
+            metric.update(rows, torch.arange(lo, hi, device=rows.device))
+        else:  # more ranks than images: contribute an empty shard so the all-gather still lines up
+            metric.update(torch.empty(0, n_caps, device=metric.device), torch.empty(0, dtype=torch.long,
+                                                                                   device=metric.device))
+        return metric.compute()
+
+    def _eval_end(self, stage: str) -> None:
+        chunks = self._eval_chunks.pop(stage, [])
+        if not chunks:
+            return
+        img = cat_embeddings([c[0] for c in chunks])
+        cap = cat_embeddings([c[1] for c in chunks])
+        image_ids = torch.cat([c[2] for c in chunks])
+        caption_ids = torch.cat([c[3] for c in chunks])
+        dm = self.trainer.datamodule
+        n_images = dm.num_eval_images(stage)
+        results = self.evaluate_embeddings(img, cap, image_ids, caption_ids, n_images,
+                                           progress=self.trainer.is_global_zero)
+        self.last_metrics = results
+        for split, metrics in results.items():
+            prefix = stage if split == "all" else f"{stage}_{split}"
+            for k, v in metrics.items():
+                # identical on every rank already (computed from gathered data): no extra reduction needed
+                self.log(f"{prefix}/{k}", v, prog_bar=(k == "rsum" and split == "all"), rank_zero_only=False,
+                         sync_dist=False)
+        if stage == "test" and self.trainer.is_global_zero:
+            print(format_recall_table(results, title=f"{type(self).__name__} on {dm.describe(stage)}"))
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("val")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
