@@ -4,7 +4,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
-RUN_DIR ?= runs/demo
+DEMO    ?= recipes/casc_base_synth.yaml
+DEMO_CKPT ?= runs/casc_base_synth/checkpoints/best.ckpt
 
 .PHONY: venv demo test ablate clean bench
 
@@ -18,10 +19,10 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# Train CASC-base on SynthScenes (generated on first use), then test the best checkpoint: prints the R@K table.
 demo: $(STAMP)
-	$(BIN)/lightning fit --config recipes/casc_base_synth.yaml --trainer.default_root_dir $(RUN_DIR)
-	$(BIN)/lightning test --config recipes/casc_base_synth.yaml --trainer.default_root_dir $(RUN_DIR) \
-		--ckpt_path $(RUN_DIR)/checkpoints/best.ckpt
+	$(BIN)/lightning fit --config $(DEMO)
+	$(BIN)/lightning test --config $(DEMO) --ckpt_path $(DEMO_CKPT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

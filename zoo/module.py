@@ -28,18 +28,21 @@ class RetrievalModule(L.LightningModule):
     Args:
         margin: triplet margin (sigma in CASC Eq. (8)).
         hardest_negative: hardest in-batch negatives (True) or the sum over all negatives.
+        sum_negatives_epochs: use the sum over all negatives for this many first epochs, hardest after
+            (VSE++'s remedy for the collapse hardest negatives can cause from a random start; 0 = papers).
         lr: Adam learning rate; lr_decay_epochs: multiply it by lr_decay every that many epochs (0 = never).
         eval_image_block / eval_caption_block: block sizes of the [I, C] scoring grid.
         fold_size: also report the mean over folds of this many images (COCO 1K) when the set is larger.
         caps_per_image: captions per image in evaluation splits.
     """
 
-    def __init__(self, margin: float = 0.2, hardest_negative: bool = True, lr: float = 2e-4,
+    def __init__(self, margin: float = 0.2, hardest_negative: bool = True, sum_negatives_epochs: int = 0, lr: float = 2e-4,
                  lr_decay_epochs: int = 15, lr_decay: float = 0.1, eval_image_block: int = 128,
                  eval_caption_block: int = 1024, fold_size: int | None = 1000, caps_per_image: int = 5):
         super().__init__()
         self.margin = margin
         self.hardest_negative = hardest_negative
+        self.sum_negatives_epochs = sum_negatives_epochs
         self.lr = lr
         self.lr_decay_epochs = lr_decay_epochs
         self.lr_decay = lr_decay
@@ -66,7 +69,12 @@ class RetrievalModule(L.LightningModule):
     def training_losses(self, batch: dict, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
         """Default objective: the hardest-negative triplet loss on the batch's pairs."""
         sims = self.score(img, cap)
-        return {"triplet": triplet_ranking_loss(sims, self.margin, self.hardest_negative, batch["image_ids"])}
+        return {"triplet": triplet_ranking_loss(sims, self.margin, self.use_hardest_negative, batch["image_ids"])}
+
+    @property
+    def use_hardest_negative(self) -> bool:
+        epoch = self.current_epoch if self._trainer is not None else 0
+        return self.hardest_negative and epoch >= self.sum_negatives_epochs
 
     # ---- Lightning hooks ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

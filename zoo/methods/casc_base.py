@@ -41,6 +41,10 @@ class CASCBase(RetrievalModule):
         self.hparams["vocab_size"] = vocab_size  # so checkpoints rebuild the same model
 
     def configure_from_data(self, datamodule) -> None:
+        feat = getattr(datamodule, "feature_dim", self.hparams.feature_dim)
+        if feat != self.hparams.feature_dim:
+            raise ValueError(f"the data serves {feat}-d region features but model.feature_dim is "
+                             f"{self.hparams.feature_dim}: set both to the same value")
         size = datamodule.vocab_size
         if self.text_encoder is None:
             self._build_text(size)
