@@ -9,7 +9,15 @@ from zoo.blocks import (BiGRUTextEncoder, RegionEncoder, attend, i2t_similarity,
                         t2i_similarity, triplet_ranking_loss)
 from zoo.blocks.functional import safe_sqrt
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exact comparisons against the slow references; restored so other test files keep float32."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _slow_direction(v, t, lam, direction, norm="clipped_l2", agg="mean", lse_t=6.0):
