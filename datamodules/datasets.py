@@ -4,7 +4,8 @@ Training items are captions (each paired with its image); evaluation items are i
 captions, so evaluation encodes every image once. Both produce the same batch keys:
   images [B, R, F] float, boxes [B, R, 4] (with_boxes), tokens [C, L] long (0 = pad), lengths [C],
   image_ids [B], caption_ids [C], pos [C, L] UPOS ids (with_pos), adjacency [C, L, L] dependency arcs,
-  symmetric, no self loops (with_graphs); word positions include <start>/<end>, which have no arcs.
+  symmetric, no self loops (with_graphs); word positions include <start>/<end>, which have no arcs;
+  labels [B, K] multi-hot semantic labels of each image (with_labels).
 In training B == C and row n of images belongs to caption n.
 """
 from __future__ import annotations
@@ -32,8 +33,10 @@ class EncodedCaptions:
 
 class _Base(Dataset):
     def __init__(self, data: SplitData, vocab: Vocabulary, with_boxes: bool = False, parses: ParseTable | None = None,
-                 with_pos: bool = False, with_graphs: bool = False):
+                 with_pos: bool = False, with_graphs: bool = False, image_labels: list | None = None,
+                 num_labels: int = 0):
         self.data, self.with_boxes, self.parses = data, with_boxes, parses
+        self.image_labels, self.num_labels = image_labels, num_labels
         self.with_pos, self.with_graphs = with_pos, with_graphs
         self.tokens = EncodedCaptions(data.captions, vocab)
 
@@ -52,6 +55,10 @@ class _Base(Dataset):
         item = {"image": self.data.image_features(i), "image_id": i}
         if self.with_boxes:
             item["boxes"] = self.data.image_boxes(i)
+        if self.image_labels is not None:
+            multi_hot = np.zeros(self.num_labels, dtype=np.float32)
+            multi_hot[self.image_labels[i]] = 1.0
+            item["labels"] = multi_hot
         return item
 
 
@@ -90,8 +97,9 @@ def collate(items: list[dict], with_pos: bool = False, with_graphs: bool = False
         "lengths": lengths,
         "caption_ids": torch.tensor([c["caption_id"] for c in caps], dtype=torch.long),
     }
-    if "boxes" in items[0]:
-        batch["boxes"] = torch.from_numpy(np.stack([it["boxes"] for it in items]))
+    for key in ("boxes", "labels"):
+        if key in items[0]:
+            batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
     if with_pos:
         pos = torch.zeros(len(caps), L, dtype=torch.long)
         for n, c in enumerate(caps):

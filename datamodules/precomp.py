@@ -12,6 +12,7 @@ from .datasets import CaptionPairs, ImageWithCaptions, collate
 from .errors import LAYOUT_HELP, DataError
 from .layout import SplitData, load_split, split_paths
 from .prepare import ParseTable, build_vocab, parse_path, parse_split
+from .labels import LabelVocabulary
 from .text import Vocabulary
 
 
@@ -26,6 +27,8 @@ class PrecompDataModule(L.LightningDataModule):
         test_max_images: likewise for test (None = all; COCO testall = 5K, folds of 1K are reported too).
         num_regions / feature_dim: expected feature shape [N, num_regions, feature_dim].
         with_boxes / with_pos / with_graphs: also serve region boxes / UPOS tags / dependency adjacency.
+        with_labels: also serve each image's semantic label set as a multi-hot `labels` [B, num_labels]
+            (CASC Sec. III-C1: top-num_labels words of the label_pos groups in the training captions).
         parser: 'spacy' or 'stanza' backend for POS tags and graphs.
         vocab_path: a vocabulary JSON (SCAN format); default <cache_dir>/vocab.json, built from train captions.
         vocab_min_count: minimum count of a word to enter the vocabulary (SCAN: 4).
@@ -36,7 +39,8 @@ class PrecompDataModule(L.LightningDataModule):
     def __init__(self, root: str, train_split: str = "train", val_split: str = "dev", test_split: str = "test",
                  val_max_images: int | None = 1000, test_max_images: int | None = None, caps_per_image: int = 5,
                  num_regions: int = 36, feature_dim: int = 2048, with_boxes: bool = False, with_pos: bool = False,
-                 with_graphs: bool = False, parser: str = "spacy", vocab_path: str | None = None,
+                 with_graphs: bool = False, with_labels: bool = False, label_pos: str = "nn", num_labels: int = 500,
+                 parser: str = "spacy", vocab_path: str | None = None,
                  vocab_min_count: int = 4, cache_dir: str | None = None, auto_prepare: bool = True,
                  batch_size: int = 128, eval_batch_size: int = 128, num_workers: int = 2):
         super().__init__()
@@ -45,6 +49,8 @@ class PrecompDataModule(L.LightningDataModule):
         self.max_images = {"fit": None, "val": val_max_images, "test": test_max_images}
         self.caps_per_image, self.num_regions, self.feature_dim = caps_per_image, num_regions, feature_dim
         self.with_boxes, self.with_pos, self.with_graphs = with_boxes, with_pos, with_graphs
+        self.with_labels, self.label_pos, self.num_labels = with_labels, label_pos, num_labels
+        self._labels: LabelVocabulary | None = None
         self.parser = parser
         self.cache_dir = Path(cache_dir) if cache_dir else self.root
         self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / "vocab.json"
@@ -58,7 +64,7 @@ class PrecompDataModule(L.LightningDataModule):
     # ---- artifacts ----------------------------------------------------------------------------------
     @property
     def needs_parses(self) -> bool:
-        return self.with_pos or self.with_graphs
+        return self.with_pos or self.with_graphs or self.with_labels
 
     def _check_root(self) -> None:
         if not self.root.is_dir():
@@ -82,6 +88,23 @@ class PrecompDataModule(L.LightningDataModule):
                     from .layout import read_captions
 
                     parse_split(read_captions(caps_file), out, self.parser)
+
+    @property
+    def label_path(self) -> Path:
+        return self.cache_dir / f"labels.{self.label_pos}.{self.num_labels}.{self.parser}.json"
+
+    @property
+    def labels(self) -> LabelVocabulary:
+        """The label dictionary, built from the training split's parses on first use."""
+        if self._labels is None:
+            if self.label_path.exists():
+                self._labels = LabelVocabulary.load(self.label_path)
+            else:
+                train = self.split_data("fit")
+                parses = ParseTable(parse_path(self.cache_dir, train.split, self.parser), train.all_captions)
+                self._labels = LabelVocabulary.build(train.captions, parses, self.label_pos, self.num_labels)
+                self._labels.save(self.label_path)
+        return self._labels
 
     @property
     def vocab(self) -> Vocabulary:
@@ -111,7 +134,11 @@ class PrecompDataModule(L.LightningDataModule):
             if self.needs_parses:
                 parses = ParseTable(parse_path(self.cache_dir, data.split, self.parser), data.all_captions)
             cls = CaptionPairs if stage == "fit" else ImageWithCaptions
-            self._datasets[stage] = cls(data, self.vocab, self.with_boxes, parses, self.with_pos, self.with_graphs)
+            image_labels = None
+            if self.with_labels:
+                image_labels = self.labels.image_labels(data.captions, parses, self.caps_per_image)
+            self._datasets[stage] = cls(data, self.vocab, self.with_boxes, parses, self.with_pos, self.with_graphs,
+                                        image_labels, len(self.labels) if self.with_labels else 0)
         return self._datasets[stage]
 
     def setup(self, stage: str) -> None:
@@ -139,4 +166,7 @@ class PrecompDataModule(L.LightningDataModule):
         return self._loader("val", False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)

@@ -28,6 +28,8 @@ def test_lightning_fit_then_test_prints_recall_table(tmp_path):
     test = _run(["test", "--config", recipe, "--ckpt_path", str(ckpt), *shrink], tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert "| all images |" in test.stdout and "I→T R@1" in test.stdout
+    pred = _run(["predict", "--config", recipe, "--ckpt_path", str(ckpt), *shrink], tmp_path)
+    assert pred.returncode == 0, pred.stderr[-3000:]
 
 
 def test_missing_data_is_a_clear_cli_error(tmp_path):

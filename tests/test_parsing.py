@@ -121,3 +121,21 @@ def test_missing_parses_without_auto_prepare(tmp_path):
     Vocabulary(["dog"]).save(dm.vocab_path)
     with pytest.raises(DataError, match="zoo-prepare"):
         dm.setup("fit")
+
+
+def test_label_sets_are_top_nouns_united_over_an_images_captions(tmp_path):
+    root = tmp_path / "d"
+    caps = ["a dog runs on the grass ."] * 3 + ["a dog and a ball .", "the dog sleeps ."] + \
+           ["a cat sits on a chair ."] * 4 + ["a cat ."]
+    write_split(root, "train", n_images=2, captions=caps)
+    write_split(root, "dev", n_images=2, captions=caps, seed=1)
+    dm = PrecompDataModule(str(root), num_regions=4, feature_dim=8, with_labels=True, num_labels=4, num_workers=0,
+                           batch_size=10, vocab_min_count=1)
+    dm.prepare_data()
+    dm.setup("fit")
+    # noun counts: dog 5, cat 5, chair 4, grass 3, ball 1 -> top 4, ties alphabetical
+    assert dm.labels.words == ["cat", "dog", "chair", "grass"]
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["labels"].tolist() == [[0, 1, 0, 1], [1, 0, 1, 0]]  # 'ball' is not in the top 4
+    train = next(iter(dm.train_dataloader()))
+    assert (train["labels"] == batch["labels"][train["image_ids"]]).all()

@@ -172,3 +172,9 @@ class RetrievalModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """`lightning predict`: the embeddings of the test split's images and captions, on the CPU, with ids."""
+        img = {f"image_{k}": v.detach().cpu() for k, v in self.encode_images(batch).items()}
+        cap = {f"caption_{k}": v.detach().cpu() for k, v in self.encode_captions(batch).items()}
+        return {"image_ids": batch["image_ids"].cpu(), "caption_ids": batch["caption_ids"].cpu(), **img, **cap}
