@@ -5,7 +5,9 @@ captions, so evaluation encodes every image once. Both produce the same batch ke
   images [B, R, F] float, boxes [B, R, 4] (with_boxes), tokens [C, L] long (0 = pad), lengths [C],
   image_ids [B], caption_ids [C], pos [C, L] UPOS ids (with_pos), adjacency [C, L, L] dependency arcs,
   symmetric, no self loops (with_graphs); word positions include <start>/<end>, which have no arcs;
-  labels [B, K] multi-hot semantic labels of each image (with_labels).
+  labels [B, K] multi-hot semantic labels of each image (with_labels);
+  subword_ids / subword_mask / subword_to_word [C, T]: a transformers tokenizer's sub-words and the word
+  position each belongs to (subword_tokenizer), for BERT-based text encoders.
 In training B == C and row n of images belongs to caption n.
 """
 from __future__ import annotations
@@ -31,17 +33,46 @@ class EncodedCaptions:
         return self.flat[self.offsets[k] : self.offsets[k + 1]]
 
 
+class SubwordCaptions:
+    """Captions as a transformers tokenizer's sub-words (e.g. BERT WordPiece), aligned with the zoo's words.
+
+    The tokenizer reads the zoo's own words (is_split_into_words), so sub-word k maps to word position
+    word_index[k] in `tokens`/`pos`/`adjacency` (1..n; [CLS] -> 0 = <start>, [SEP] -> n + 1 = <end>).
+    """
+
+    def __init__(self, captions: list[str], tokenizer, max_length: int = 128):
+        words = [tokenize(c) for c in captions]
+        ids, index = [], []
+        for a in range(0, len(words), 4096):
+            enc = tokenizer(words[a : a + 4096], is_split_into_words=True, truncation=True, max_length=max_length)
+            for n, row in enumerate(enc["input_ids"]):
+                wid = enc.word_ids(n)
+                last = len(words[a + n]) + 1
+                ids.append(row)
+                index.append([(0 if k == 0 else last) if w is None else w + 1 for k, w in enumerate(wid)])
+        self.offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+        self.flat = np.array([t for x in ids for t in x], dtype=np.int64)
+        self.flat_index = np.array([t for x in index for t in x], dtype=np.int64)
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[k], self.offsets[k + 1]
+        return self.flat[a:b], self.flat_index[a:b]
+
+
 class _Base(Dataset):
     def __init__(self, data: SplitData, vocab: Vocabulary, with_boxes: bool = False, parses: ParseTable | None = None,
                  with_pos: bool = False, with_graphs: bool = False, image_labels: list | None = None,
-                 num_labels: int = 0):
+                 num_labels: int = 0, subword_tokenizer=None):
         self.data, self.with_boxes, self.parses = data, with_boxes, parses
         self.image_labels, self.num_labels = image_labels, num_labels
         self.with_pos, self.with_graphs = with_pos, with_graphs
         self.tokens = EncodedCaptions(data.captions, vocab)
+        self.subwords = SubwordCaptions(data.captions, subword_tokenizer) if subword_tokenizer is not None else None
 
     def _caption(self, k: int) -> dict:
         item = {"tokens": self.tokens[k], "caption_id": k}
+        if self.subwords is not None:
+            item["subword_ids"], item["subword_to_word"] = self.subwords[k]
         if self.parses is not None:
             upos, heads = self.parses.get(k)
             n_words = len(self.tokens[k]) - 2
@@ -100,6 +131,15 @@ def collate(items: list[dict], with_pos: bool = False, with_graphs: bool = False
     for key in ("boxes", "labels"):
         if key in items[0]:
             batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
+    if "subword_ids" in caps[0]:
+        T = max(len(c["subword_ids"]) for c in caps)
+        sub = torch.zeros(len(caps), T, dtype=torch.long)
+        to_word = torch.zeros(len(caps), T, dtype=torch.long)
+        for n, c in enumerate(caps):
+            sub[n, : len(c["subword_ids"])] = torch.from_numpy(c["subword_ids"])
+            to_word[n, : len(c["subword_ids"])] = torch.from_numpy(c["subword_to_word"])
+        batch["subword_ids"], batch["subword_to_word"] = sub, to_word
+        batch["subword_mask"] = (torch.arange(T)[None] < torch.tensor([len(c["subword_ids"]) for c in caps])[:, None])
     if with_pos:
         pos = torch.zeros(len(caps), L, dtype=torch.long)
         for n, c in enumerate(caps):

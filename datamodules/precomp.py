@@ -30,6 +30,8 @@ class PrecompDataModule(L.LightningDataModule):
         with_labels: also serve each image's semantic label set as a multi-hot `labels` [B, num_labels]
             (CASC Sec. III-C1: top-num_labels words of the label_pos groups in the training captions).
         parser: 'spacy' or 'stanza' backend for POS tags and graphs.
+        subword_tokenizer: a transformers tokenizer name or folder (e.g. bert-base-uncased): also serve its
+            sub-word ids, aligned with the zoo's word positions (for BERT text encoders).
         vocab_path: a vocabulary JSON (SCAN format); default <cache_dir>/vocab.json, built from train captions.
         vocab_min_count: minimum count of a word to enter the vocabulary (SCAN: 4).
         cache_dir: where artifacts are written (default: root).
@@ -40,7 +42,7 @@ class PrecompDataModule(L.LightningDataModule):
                  val_max_images: int | None = 1000, test_max_images: int | None = None, caps_per_image: int = 5,
                  num_regions: int = 36, feature_dim: int = 2048, with_boxes: bool = False, with_pos: bool = False,
                  with_graphs: bool = False, with_labels: bool = False, label_pos: str = "nn", num_labels: int = 500,
-                 parser: str = "spacy", vocab_path: str | None = None,
+                 parser: str = "spacy", subword_tokenizer: str | None = None, vocab_path: str | None = None,
                  vocab_min_count: int = 4, cache_dir: str | None = None, auto_prepare: bool = True,
                  batch_size: int = 128, eval_batch_size: int = 128, num_workers: int = 2):
         super().__init__()
@@ -52,6 +54,8 @@ class PrecompDataModule(L.LightningDataModule):
         self.with_labels, self.label_pos, self.num_labels = with_labels, label_pos, num_labels
         self._labels: LabelVocabulary | None = None
         self.parser = parser
+        self.subword_tokenizer = subword_tokenizer
+        self._subword_tok = None
         self.cache_dir = Path(cache_dir) if cache_dir else self.root
         self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / "vocab.json"
         self.vocab_min_count = vocab_min_count
@@ -88,6 +92,24 @@ class PrecompDataModule(L.LightningDataModule):
                     from .layout import read_captions
 
                     parse_split(read_captions(caps_file), out, self.parser)
+
+    @property
+    def subword_tokenizer_obj(self):
+        if self.subword_tokenizer is None:
+            return None
+        if self._subword_tok is None:
+            try:
+                from transformers import AutoTokenizer
+
+                self._subword_tok = AutoTokenizer.from_pretrained(self.subword_tokenizer)
+            except Exception as e:
+                raise DataError(self.subword_tokenizer, f"cannot load this transformers tokenizer ({type(e).__name__})",
+                                "give a local folder holding tokenizer files (e.g. a saved bert-base-uncased) or a "
+                                "hub name on a machine that can download it") from None
+            if not getattr(self._subword_tok, "is_fast", False):
+                raise DataError(self.subword_tokenizer, "a fast (Rust) tokenizer is needed for word alignment",
+                                "use a tokenizer folder with tokenizer.json")
+        return self._subword_tok
 
     @property
     def label_path(self) -> Path:
@@ -138,7 +160,8 @@ class PrecompDataModule(L.LightningDataModule):
             if self.with_labels:
                 image_labels = self.labels.image_labels(data.captions, parses, self.caps_per_image)
             self._datasets[stage] = cls(data, self.vocab, self.with_boxes, parses, self.with_pos, self.with_graphs,
-                                        image_labels, len(self.labels) if self.with_labels else 0)
+                                        image_labels, len(self.labels) if self.with_labels else 0,
+                                        self.subword_tokenizer_obj)
         return self._datasets[stage]
 
     def setup(self, stage: str) -> None:

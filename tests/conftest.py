@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
 WORDS = ["dog", "cat", "ball", "red", "blue", "runs", "sits", "grass", "man", "car"]
 

