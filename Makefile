@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= recipes/casc_base_synth.yaml
 DEMO_CKPT ?= runs/casc_base_synth/checkpoints/best.ckpt
 
-.PHONY: venv demo test ablate clean bench
+.PHONY: venv demo test clean bench attention
 
 # torch goes in first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_eval.py
+
+# After `make demo`: where each word of a test caption looks (T2I attention over the region boxes).
+attention: $(STAMP)
+	$(BIN)/python scripts/show_attention.py --ckpt $(DEMO_CKPT) --root .cache/synthscenes --image 3 --caption 1 \
+		--out runs/attention.png
 
 clean:
 	rm -rf $(VENV) runs .cache
