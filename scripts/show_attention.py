@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 from datamodules import PrecompDataModule  # noqa: E402
 from datamodules.datasets import collate  # noqa: E402
+from datamodules.layout import open_npy, split_paths  # noqa: E402
 from zoo.blocks import attend  # noqa: E402
 from zoo.methods import CASCBase  # noqa: E402
 
@@ -31,8 +32,9 @@ def main() -> None:
     args = ap.parse_args()
     model = CASCBase.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
     hp = model.hparams
+    shape = open_npy(split_paths(args.root, args.split)["ims"]).shape  # regions/dims as stored
     dm = PrecompDataModule(args.root, test_split=args.split, with_boxes=True, num_workers=0,
-                           feature_dim=hp.feature_dim)
+                           num_regions=shape[1], feature_dim=shape[2])
     item = dm.dataset("test")[args.image]
     item["captions"] = [item["captions"][args.caption]]
     batch = collate([item])
