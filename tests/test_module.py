@@ -127,3 +127,17 @@ def test_casc_base_learns_synthscenes(tmp_path):
     m = model.last_metrics["all"]
     # chance: R@1 = 1% (t2i) and 5% (i2t: any of 5 captions) on 100 images
     assert m["t2i_r1"] > 15 and m["i2t_r1"] > 20, m
+
+
+def test_mixed_precision_training_and_evaluation_stay_finite(tmp_path):
+    """bf16 autocast (what GPUs run with) through the blocks: finite loss and the same metric keys."""
+    import lightning as L
+
+    _, dm = _tiny(tmp_path)
+    model = _model(dm)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_epochs=1, limit_train_batches=3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert 0 <= model.last_metrics["all"]["rsum"] <= 600

@@ -31,8 +31,10 @@ def region_word_scores(images: torch.Tensor, captions: torch.Tensor, lengths: to
     """CASC Eq. (3): cosine similarity s_ij of every region i and word j, for every image-caption pair."""
     if images.dim() != 3 or captions.dim() != 3 or images.shape[-1] != captions.shape[-1]:
         raise ValueError(f"expected images [I, R, d] and captions [C, L, d], got {tuple(images.shape)} and {tuple(captions.shape)}")
+    dtype = torch.promote_types(images.dtype, captions.dtype)  # encoders under autocast may disagree
+    images, captions = images.to(dtype), captions.to(dtype)
     word_mask = lengths_to_mask(lengths, captions.shape[1])
-    captions = captions * word_mask[..., None].to(captions.dtype)  # padding never leaks into a score
+    captions = captions * word_mask[..., None].to(dtype)  # padding never leaks into a score
     region_unit, word_unit = l2_normalize(images), l2_normalize(captions)
     cosine = torch.einsum("ird,cld->icrl", region_unit, word_unit)
     return RegionWordScores(cosine, images.norm(dim=-1), captions.norm(dim=-1), word_mask, region_unit, word_unit)
@@ -98,6 +100,8 @@ def attend(query: torch.Tensor, context: torch.Tensor, *, smooth: float, norm: s
 
     Returns the attended vectors a [B, Q, d] (CASC Eqs. (4)/(6)) and the weights [B, Q, K].
     """
+    dtype = torch.promote_types(query.dtype, context.dtype)
+    query, context = query.to(dtype), context.to(dtype)
     b, q, _ = query.shape
     k = context.shape[1]
     qm = torch.ones(b, q, dtype=torch.bool, device=query.device) if query_mask is None else query_mask
