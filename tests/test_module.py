@@ -141,3 +141,15 @@ def test_mixed_precision_training_and_evaluation_stay_finite(tmp_path):
     trainer.fit(model, dm)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert 0 <= model.last_metrics["all"]["rsum"] <= 600
+
+
+def test_method_requirements_are_checked_against_the_data(tmp_path):
+    _, dm = _tiny(tmp_path)
+
+    class NeedsGraphs(CASCBase):
+        required_inputs = ("boxes", "graphs")
+
+    with pytest.raises(ValueError, match="data.with_boxes, data.with_graphs"):
+        NeedsGraphs(feature_dim=8, embed_dim=16, word_dim=8).check_data(dm)
+    dm.with_boxes = dm.with_graphs = True
+    NeedsGraphs(feature_dim=8, embed_dim=16, word_dim=8).check_data(dm)

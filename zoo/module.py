@@ -21,6 +21,10 @@ from .reporting import format_recall_table
 
 Emb = dict[str, torch.Tensor]
 
+# batch extras a method can ask for -> the datamodule option that serves them
+DATA_OPTIONS = {"boxes": "with_boxes", "pos": "with_pos", "graphs": "with_graphs", "labels": "with_labels",
+                "subwords": "subword_tokenizer"}
+
 
 class RetrievalModule(L.LightningModule):
     """Shared training/evaluation loop.
@@ -53,6 +57,9 @@ class RetrievalModule(L.LightningModule):
         self._eval_chunks: dict[str, list] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
 
+    #: batch extras this method reads (keys of DATA_OPTIONS); setup fails early if the data does not serve them
+    required_inputs: tuple[str, ...] = ()
+
     # ---- what a method provides -------------------------------------------------------------------
     def encode_images(self, batch: dict) -> Emb:
         raise NotImplementedError
@@ -80,7 +87,14 @@ class RetrievalModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
+            self.check_data(dm)
             self.configure_from_data(dm)
+
+    def check_data(self, datamodule) -> None:
+        missing = [DATA_OPTIONS[k] for k in self.required_inputs if not getattr(datamodule, DATA_OPTIONS[k], None)]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs data the datamodule is not set to serve: set "
+                             + ", ".join(f"data.{m}" for m in missing) + " in the recipe")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         img = self.encode_images(batch)
