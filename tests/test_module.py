@@ -153,3 +153,18 @@ def test_method_requirements_are_checked_against_the_data(tmp_path):
         NeedsGraphs(feature_dim=8, embed_dim=16, word_dim=8).check_data(dm)
     dm.with_boxes = dm.with_graphs = True
     NeedsGraphs(feature_dim=8, embed_dim=16, word_dim=8).check_data(dm)
+
+
+def test_partial_evaluation_scores_the_images_seen(tmp_path):
+    """limit_val_batches / sanity checks: the encoded subset is evaluated as its own retrieval set."""
+    import lightning as L
+
+    _, dm = _tiny(tmp_path, n_val=7)
+    model = _model(dm)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=2)  # 2 batches x 2 images
+    with pytest.warns(UserWarning, match="4 of 7 images"):
+        logged = trainer.validate(model, dm, verbose=False)[0]
+    sims, _, _ = _direct_sims(model, dm)
+    expected = retrieval_metrics(sims[:4, :20])
+    assert logged["val/rsum"] == pytest.approx(expected["rsum"])

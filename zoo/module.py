@@ -15,7 +15,9 @@ import lightning as L
 import torch.distributed as dist
 
 from .blocks import triplet_ranking_loss
-from .evaluation import cat_embeddings, gather_and_order, score_blockwise
+from lightning.pytorch.utilities import rank_zero_warn
+
+from .evaluation import cat_embeddings, gather_and_order, gather_padded, score_blockwise
 from .metrics import RetrievalMetrics
 from .reporting import format_recall_table
 
@@ -129,8 +131,21 @@ class RetrievalModule(L.LightningModule):
     @torch.no_grad()
     def evaluate_embeddings(self, img: Emb, cap: Emb, image_ids: torch.Tensor, caption_ids: torch.Tensor,
                             n_images: int, progress: bool = False) -> dict[str, dict[str, float]]:
-        """Metrics from per-rank embeddings; identical on every rank. Usable without a Trainer."""
-        n_caps = n_images * self.caps_per_image
+        """Metrics from per-rank embeddings; identical on every rank. Usable without a Trainer.
+
+        When fewer than n_images were encoded (limit_val_batches, a sanity check), the images seen and their
+        captions are scored as a smaller retrieval set, with a warning.
+        """
+        k = self.caps_per_image
+        seen = torch.unique(gather_padded(image_ids))
+        if seen.numel() < n_images:
+            rank_zero_warn(f"evaluating on the {seen.numel()} of {n_images} images that were encoded "
+                           "(limit_*_batches or a sanity check): not comparable with full-set numbers")
+            remap = torch.full((n_images,), -1, dtype=torch.long, device=image_ids.device)
+            remap[seen] = torch.arange(seen.numel(), device=image_ids.device)
+            image_ids, caption_ids = remap[image_ids], remap[caption_ids // k] * k + caption_ids % k
+            n_images = seen.numel()
+        n_caps = n_images * k
         img = gather_and_order(img, image_ids, n_images, "images")
         cap = gather_and_order(cap, caption_ids, n_caps, "captions")
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
