@@ -168,3 +168,20 @@ def test_partial_evaluation_scores_the_images_seen(tmp_path):
     sims, _, _ = _direct_sims(model, dm)
     expected = retrieval_metrics(sims[:4, :20])
     assert logged["val/rsum"] == pytest.approx(expected["rsum"])
+
+
+def test_fold_metrics_are_logged_next_to_the_full_set(tmp_path):
+    """COCO-style 1K/5K on a small scale: 10 images in folds of 5 -> val/* (all) and val_fold5/* (fold mean)."""
+    import lightning as L
+
+    from zoo.metrics import fold_metrics
+
+    _, dm = _tiny(tmp_path, n_val=10)
+    model = _model(dm)
+    model.fold_size = 5
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    logged = trainer.validate(model, dm, verbose=False)[0]
+    sims, _, _ = _direct_sims(model, dm)
+    assert logged["val_fold5/rsum"] == pytest.approx(fold_metrics(sims, 5)["rsum"])
+    assert logged["val/rsum"] == pytest.approx(retrieval_metrics(sims)["rsum"])
