@@ -28,11 +28,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_eval.py
+	$(BIN)/python -m zoo.bench
 
 # After `make demo`: where each word of a test caption looks (T2I attention over the region boxes).
 attention: $(STAMP)
-	$(BIN)/python scripts/show_attention.py --ckpt $(DEMO_CKPT) --root .cache/synthscenes --image 3 --caption 1 \
+	$(BIN)/python -m zoo.attention_map --ckpt $(DEMO_CKPT) --root .cache/synthscenes --image 3 --caption 1 \
 		--out runs/attention.png
 
 clean:

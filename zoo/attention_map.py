@@ -1,7 +1,7 @@
 """Draws where each word of a caption looks: the T2I attention (CASC Eq. (6)) of a trained model over the
 image's region boxes, one panel per word. Needs {split}_boxes.npy (SynthScenes has them).
 
-    python scripts/show_attention.py --ckpt runs/casc_base_synth/checkpoints/best.ckpt \
+    python -m zoo.attention_map --ckpt runs/casc_base_synth/checkpoints/best.ckpt \
         --root .cache/synthscenes --split test --image 0 --caption 0 --out attention.png
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Evaluation-speed benchmark: scores an images x (5 * images) grid with a method's pairwise scorer.
 
-    python scripts/bench_eval.py --images 1000               # CPU here
-    python scripts/bench_eval.py --images 5000 --device cuda --dtype bf16   # COCO-5K size on a GPU
+    python -m zoo.bench --images 1000               # CPU here
+    python -m zoo.bench --images 5000 --device cuda --dtype bf16   # COCO-5K size on a GPU
 
 Embeddings are random (the cost does not depend on their values); caption lengths follow COCO's
 (about 12 words + <start>/<end>, up to 30). Prints pairs per second and the time for the whole grid.
