@@ -1,7 +1,6 @@
 """Parser backends, `zoo-prepare` (resumable), and the POS tags / dependency graphs the DataModule serves."""
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from conftest import write_split
