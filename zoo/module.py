@@ -172,8 +172,9 @@ class RetrievalModule(L.LightningModule):
         caption_ids = torch.cat([c[3] for c in chunks])
         dm = self.trainer.datamodule
         n_images = dm.num_eval_images(stage)
-        results = self.evaluate_embeddings(img, cap, image_ids, caption_ids, n_images,
-                                           progress=self.trainer.is_global_zero)
+        with self.trainer.precision_plugin.forward_context():  # score at the precision the run uses
+            results = self.evaluate_embeddings(img, cap, image_ids, caption_ids, n_images,
+                                               progress=self.trainer.is_global_zero)
         self.last_metrics = results
         for split, metrics in results.items():
             prefix = stage if split == "all" else f"{stage}_{split}"

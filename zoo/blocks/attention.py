@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .functional import aggregate, l2_normalize, lengths_to_mask, normalize_scores, safe_sqrt
+from .functional import aggregate, l2_normalize, wide, lengths_to_mask, normalize_scores, safe_sqrt
 
 
 @dataclass
@@ -36,8 +36,11 @@ def region_word_scores(images: torch.Tensor, captions: torch.Tensor, lengths: to
     word_mask = lengths_to_mask(lengths, captions.shape[1])
     captions = captions * word_mask[..., None].to(dtype)  # padding never leaks into a score
     region_unit, word_unit = l2_normalize(images), l2_normalize(captions)
-    cosine = torch.einsum("ird,cld->icrl", region_unit, word_unit)
-    return RegionWordScores(cosine, images.norm(dim=-1), captions.norm(dim=-1), word_mask, region_unit, word_unit)
+    # the big contraction may run in bf16/fp16 under autocast; everything after it is float32, so that
+    # rankings are not flattened into ties by a 3-significant-digit score
+    cosine = wide(torch.einsum("ird,cld->icrl", region_unit, word_unit))
+    return RegionWordScores(cosine, wide(images).norm(dim=-1), wide(captions).norm(dim=-1), word_mask,
+                            region_unit, word_unit)
 
 
 def attention_weights(scores: torch.Tensor, query_mask: torch.Tensor | None, context_mask: torch.Tensor | None,
@@ -54,6 +57,13 @@ def attention_weights(scores: torch.Tensor, query_mask: torch.Tensor | None, con
     return torch.softmax(s, dim=context_dim)
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """[N, K, d] -> [N, K, K] dot products, in float32."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = wide(x)
+        return torch.bmm(x, x.transpose(1, 2))
+
+
 def _attended_cosine(cosine: torch.Tensor, weights: torch.Tensor, context_norms: torch.Tensor,
                      unit_gram: torch.Tensor, context_dim: int = -1) -> torch.Tensor:
     """CASC Eqs. (5) and (7): cos(q, a), a = sum_k alpha_k c_k, without forming a. Returns [..., Q].
@@ -63,7 +73,9 @@ def _attended_cosine(cosine: torch.Tensor, weights: torch.Tensor, context_norms:
     """
     w = weights * context_norms
     num = (w * cosine).sum(context_dim)
-    uw = torch.matmul(w, unit_gram) if context_dim == -1 else torch.matmul(unit_gram, w)
+    with torch.autocast(w.device.type, enabled=False):  # float32, see region_word_scores
+        w, unit_gram = wide(w), wide(unit_gram)
+        uw = torch.matmul(w, unit_gram) if context_dim == -1 else torch.matmul(unit_gram, w)
     sq = (uw * w).sum(context_dim)
     return num / safe_sqrt(sq)
 
@@ -75,7 +87,7 @@ def i2t_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.
     sc = scores if scores is not None else region_word_scores(images, captions, lengths)
     context_mask = sc.word_mask[None, :, None, :]
     alpha = attention_weights(sc.cosine, None, context_mask, smooth, norm)  # [I, C, R, L]
-    word_gram = torch.einsum("cld,cmd->clm", sc.word_unit, sc.word_unit)[None]  # [1, C, L, L]
+    word_gram = _gram(sc.word_unit)[None]  # [1, C, L, L]
     per_region = _attended_cosine(sc.cosine, alpha, sc.word_norms[None, :, None, :], word_gram)  # [I, C, R]
     all_regions = torch.ones(1, 1, 1, dtype=torch.bool, device=per_region.device)
     return aggregate(per_region, all_regions, agg, lse_temperature)
@@ -89,7 +101,7 @@ def t2i_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.
     # layout stays [I, C, R, L]: query = words (last dim), context = regions (dim -2)
     query_mask = sc.word_mask[None, :, None, :]
     alpha = attention_weights(sc.cosine, query_mask, None, smooth, norm, context_dim=-2)  # [I, C, R, L]
-    region_gram = torch.einsum("ird,iqd->irq", sc.region_unit, sc.region_unit)[:, None]  # [I, 1, R, R]
+    region_gram = _gram(sc.region_unit)[:, None]  # [I, 1, R, R]
     per_word = _attended_cosine(sc.cosine, alpha, sc.region_norms[:, None, :, None], region_gram, -2)  # [I, C, L]
     return aggregate(per_word, sc.word_mask[None], agg, lse_temperature)
 

@@ -1,7 +1,9 @@
 """Numerically safe primitives shared by every block.
 
 Padded words and all-zero vectors are normal here (padding, empty regions), so every norm, square
-root and softmax is written so that it stays finite, forward *and* backward, at zero.
+root and softmax is written so that it stays finite, forward *and* backward, at zero. Sums of squares
+are taken in float32 even under fp16/bf16 autocast: in fp16 they overflow (> 65504) for ordinary
+1024-d features, and eps^2 = 1e-16 would round to zero.
 """
 from __future__ import annotations
 
@@ -11,18 +13,30 @@ import torch.nn.functional as F
 EPS = 1e-8
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32 (half types are widened; float64 stays float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def safe_sqrt(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """sqrt(max(x, eps^2)): finite value and gradient at 0 (plain sqrt has an infinite slope there)."""
-    return torch.sqrt(x.clamp_min(eps * eps))
+    """sqrt(max(x, eps^2)) in float32: finite value and gradient at 0 (plain sqrt has an infinite slope there)."""
+    return torch.sqrt(wide(x).clamp_min(eps * eps)).to(x.dtype)
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
-    """x / ||x||_2 along `dim`; a zero vector maps to zero with a zero (not NaN) gradient."""
-    return x * torch.rsqrt((x * x).sum(dim, keepdim=True).clamp_min(eps * eps))
+    """x / ||x||_2 along `dim`; a (near-)zero vector (norm < eps) maps to zero with a zero gradient.
+
+    (Clamping the norm alone would leave a 1/eps = 1e8 gradient at zero: finite in float32, Inf in fp16.)
+    """
+    xf = wide(x)
+    sq = (xf * xf).sum(dim, keepdim=True)
+    y = xf * torch.rsqrt(sq.clamp_min(eps * eps))
+    return torch.where(sq > eps * eps, y, torch.zeros_like(y)).to(x.dtype)
 
 
 def l1_normalize(x: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
-    return x / x.abs().sum(dim, keepdim=True).clamp_min(eps)
+    xf = wide(x)
+    return (xf / xf.abs().sum(dim, keepdim=True).clamp_min(eps)).to(x.dtype)
 
 
 def lengths_to_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
