@@ -185,3 +185,24 @@ def test_fold_metrics_are_logged_next_to_the_full_set(tmp_path):
     sims, _, _ = _direct_sims(model, dm)
     assert logged["val_fold5/rsum"] == pytest.approx(fold_metrics(sims, 5)["rsum"])
     assert logged["val/rsum"] == pytest.approx(retrieval_metrics(sims)["rsum"])
+
+
+@pytest.mark.slow
+def test_wandb_offline_logger_records_validation_metrics(tmp_path, monkeypatch):
+    """W&B (offline, no network) receives the same val/* metrics the dashboards compare."""
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _, dm = _tiny(tmp_path)
+    model = _model(dm)
+    logger = WandbLogger(project="itm-zoo-test", save_dir=str(tmp_path), offline=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    summary = dict(logger.experiment.summary)
+    logger.experiment.finish()
+    assert summary["val/rsum"] == pytest.approx(model.last_metrics["all"]["rsum"])
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
