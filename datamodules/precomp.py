@@ -1,6 +1,7 @@
 """LightningDataModule over the standard precomputed-feature layout."""
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 from .datasets import CaptionPairs, ImageWithCaptions, collate
 from .errors import LAYOUT_HELP, DataError
 from .layout import SplitData, load_split, split_paths
-from .prepare import ParseTable, build_vocab, parse_path, parse_split
+from .prepare import ParseTable, build_vocab, parse_path, parse_split, vocab_filename
 from .labels import LabelVocabulary
 from .text import Vocabulary
 
@@ -32,7 +33,8 @@ class PrecompDataModule(L.LightningDataModule):
         parser: 'spacy' or 'stanza' backend for POS tags and graphs.
         subword_tokenizer: a transformers tokenizer name or folder (e.g. bert-base-uncased): also serve its
             sub-word ids, aligned with the zoo's word positions (for BERT text encoders).
-        vocab_path: a vocabulary JSON (SCAN format); default <cache_dir>/vocab.json, built from train captions.
+        vocab_path: a vocabulary JSON (SCAN format); default <cache_dir>/vocab.min<vocab_min_count>.json, built
+            from the training captions.
         vocab_min_count: minimum count of a word to enter the vocabulary (SCAN: 4).
         cache_dir: where artifacts are written (default: root).
         auto_prepare: build missing vocabulary/parses in prepare_data instead of failing.
@@ -57,7 +59,7 @@ class PrecompDataModule(L.LightningDataModule):
         self.subword_tokenizer = subword_tokenizer
         self._subword_tok = None
         self.cache_dir = Path(cache_dir) if cache_dir else self.root
-        self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / "vocab.json"
+        self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / vocab_filename(vocab_min_count)
         self.vocab_min_count = vocab_min_count
         self.auto_prepare = auto_prepare
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
@@ -74,9 +76,22 @@ class PrecompDataModule(L.LightningDataModule):
         if not self.root.is_dir():
             raise DataError(self.root, "data folder not found", LAYOUT_HELP)
 
+    def _check_writable(self) -> None:
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass
+        if not os.access(self.cache_dir, os.W_OK):
+            raise DataError(self.cache_dir, "cannot write the vocabulary/parse files here (read-only)",
+                            "set data.cache_dir to a writable folder, or run `zoo-prepare --cache-dir ...` once")
+
     def prepare_data(self) -> None:
         """Runs on one process per node: builds what is missing (vocabulary, parses)."""
         self._check_root()
+        missing_parses = self.needs_parses and not all(
+            parse_path(self.cache_dir, self.splits[s], self.parser).exists() for s in ("fit", "val", "test"))
+        if (not self.vocab_path.exists() or missing_parses) and self.auto_prepare:
+            self._check_writable()
         if not self.vocab_path.exists():
             if not self.auto_prepare:
                 raise DataError(self.vocab_path, "vocabulary not found", "run `zoo-prepare --root <data>`")

@@ -1,6 +1,6 @@
 """`zoo-prepare`: writes the text artifacts a DataModule serves, next to the data or into a cache folder.
 
-- vocab.json (SCAN format) from the training captions, words seen at least --min-count times;
+- vocab.min<N>.json (SCAN format) from the training captions, words seen at least --min-count (N) times;
 - {split}_parse.{backend}.npz: UPOS tags, dependency heads and labels of every caption, aligned with the
   zoo's tokenizer. Parsing runs in chunks with a progress bar; finished chunks are kept in a .parts folder,
   so an interrupted run resumes where it stopped.
@@ -33,6 +33,11 @@ def captions_digest(captions: list[str]) -> str:
         h.update(c.encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
+
+
+def vocab_filename(min_count: int) -> str:
+    """The minimum count is part of the name: changing it never silently reuses another vocabulary."""
+    return f"vocab.min{min_count}.json"
 
 
 def parse_path(cache_dir: str | Path, split: str, backend: str) -> Path:
@@ -138,7 +143,7 @@ def prepare(root: str | Path, splits: list[str], *, train_split: str = "train", 
     cache = Path(cache_dir) if cache_dir else root
     cache.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    vocab_file = cache / "vocab.json"
+    vocab_file = cache / vocab_filename(min_count)
     if not vocab_file.exists():
         build_vocab(split_paths(root, train_split)["caps"], vocab_file, min_count)
     written["vocab"] = vocab_file

@@ -239,7 +239,8 @@ class SynthScenesDataModule(_datamodule_base()):
         fresh = not (stamp.exists() and json.loads(stamp.read_text()).get("digest") == self.synth_config.digest())
         if fresh:
             # artifacts of an older copy would not match the new captions
-            for old in list(self.cache_dir.glob("vocab.json")) + list(self.cache_dir.glob("*_parse.*.npz")):
+            for old in [*self.cache_dir.glob("vocab*.json"), *self.cache_dir.glob("*_parse.*.npz"),
+                        *self.cache_dir.glob("labels.*.json")]:
                 old.unlink()
             generate_synthscenes(self.root, self.synth_config)
         super().prepare_data()

@@ -187,3 +187,12 @@ def test_unloadable_subword_tokenizer(tiny_data, tmp_path):
     dm = _dm(tiny_data, subword_tokenizer=str(tmp_path / "no_such_tokenizer"))
     with pytest.raises(DataError, match="transformers tokenizer"):
         dm.setup("validate")
+
+
+def test_read_only_data_folder_asks_for_a_cache_dir(tiny_data, monkeypatch):
+    import datamodules.precomp as precomp
+
+    # CI runs as root, for whom chmod does not bite: make the folder read-only as os.access sees it
+    monkeypatch.setattr(precomp.os, "access", lambda path, mode: False)
+    e = _err(lambda: _dm(tiny_data).prepare_data())
+    assert "read-only" in e.problem and "data.cache_dir" in e.fix

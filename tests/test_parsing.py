@@ -93,7 +93,7 @@ def test_prepare_cli_and_graph_batches(tmp_path):
     write_split(root, "train", n_images=4)
     write_split(root, "dev", n_images=2, seed=1)
     prepare_main(["--root", str(root), "--splits", "train", "dev", "--min-count", "1"])
-    assert (root / "vocab.json").exists() and parse_path(root, "dev", "spacy").exists()
+    assert (root / "vocab.min1.json").exists() and parse_path(root, "dev", "spacy").exists()
     dm = PrecompDataModule(str(root), num_regions=4, feature_dim=8, with_pos=True, with_graphs=True, num_workers=0,
                            batch_size=4, eval_batch_size=2, vocab_min_count=1, auto_prepare=False)
     dm.setup("fit")
