@@ -21,13 +21,18 @@ from .prepare import ParseTable
 from .text import Vocabulary, tokenize
 
 
+def flatten_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged rows -> (flat int64 array, offsets [n + 1]); row k is flat[offsets[k]:offsets[k + 1]]."""
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in rows])]).astype(np.int64)
+    flat = np.fromiter((t for x in rows for t in x), dtype=np.int64, count=int(offsets[-1]))
+    return flat, offsets
+
+
 class EncodedCaptions:
     """All captions of a split as token ids in one flat array (cheap to share with worker processes)."""
 
     def __init__(self, captions: list[str], vocab: Vocabulary):
-        ids = [vocab.encode(tokenize(c)) for c in captions]
-        self.offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
-        self.flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(self.offsets[-1]))
+        self.flat, self.offsets = flatten_rows([vocab.encode(tokenize(c)) for c in captions])
 
     def __getitem__(self, k: int) -> np.ndarray:
         return self.flat[self.offsets[k] : self.offsets[k + 1]]
@@ -50,9 +55,8 @@ class SubwordCaptions:
                 last = len(words[a + n]) + 1
                 ids.append(row)
                 index.append([(0 if k == 0 else last) if w is None else w + 1 for k, w in enumerate(wid)])
-        self.offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
-        self.flat = np.array([t for x in ids for t in x], dtype=np.int64)
-        self.flat_index = np.array([t for x in index for t in x], dtype=np.int64)
+        self.flat, self.offsets = flatten_rows(ids)
+        self.flat_index, _ = flatten_rows(index)
 
     def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[k], self.offsets[k + 1]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from .datasets import CaptionPairs, ImageWithCaptions, collate
 from .errors import LAYOUT_HELP, DataError
 from .layout import SplitData, load_split, split_paths
-from .prepare import ParseTable, build_vocab, parse_path, parse_split, vocab_filename
+from .prepare import ParseTable, build_vocab, ensure_parsed, parse_path, vocab_filename
 from .labels import LabelVocabulary
 from .text import Vocabulary
 
@@ -101,12 +101,9 @@ class PrecompDataModule(L.LightningDataModule):
         if self.needs_parses:
             for stage in ("fit", "val", "test"):
                 split = self.splits[stage]
-                out = parse_path(self.cache_dir, split, self.parser)
-                caps_file = split_paths(self.root, split)["caps"]
-                if not out.exists() and caps_file.exists() and self.auto_prepare:
-                    from .layout import read_captions
-
-                    parse_split(read_captions(caps_file), out, self.parser)
+                # a split without captions fails later, in setup, with the layout error
+                if split_paths(self.root, split)["caps"].exists() and self.auto_prepare:
+                    ensure_parsed(self.root, self.cache_dir, split, self.parser)
 
     @property
     def subword_tokenizer_obj(self):

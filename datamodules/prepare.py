@@ -124,6 +124,14 @@ def parse_split(captions: list[str], out: Path, backend: str = "spacy", chunk_si
     return out
 
 
+def ensure_parsed(root: str | Path, cache_dir: str | Path, split: str, backend: str, progress: bool = True) -> Path:
+    """Parses a split's captions into the cache unless that was already done."""
+    out = parse_path(cache_dir, split, backend)
+    if not out.exists():
+        parse_split(read_captions(split_paths(root, split)["caps"]), out, backend, progress=progress)
+    return out
+
+
 def check_features(path: Path, rows_per_step: int = 512, progress: bool = True) -> None:
     """Full NaN/Inf scan of a feature file (the DataModule checks each item as it reads it as well)."""
     from .layout import open_npy
@@ -152,10 +160,7 @@ def prepare(root: str | Path, splits: list[str], *, train_split: str = "train", 
         if check:
             check_features(paths["ims"], progress=progress)
         if parser:
-            out = parse_path(cache, split, parser)
-            if not out.exists():
-                parse_split(read_captions(paths["caps"]), out, parser, progress=progress)
-            written[f"{split}_parse"] = out
+            written[f"{split}_parse"] = ensure_parsed(root, cache, split, parser, progress)
     return written
 
 

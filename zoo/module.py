@@ -10,18 +10,15 @@ Methods with extra losses override `training_losses`.
 """
 from __future__ import annotations
 
-import torch
 import lightning as L
+import torch
 import torch.distributed as dist
-
-from .blocks import triplet_ranking_loss
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .evaluation import cat_embeddings, gather_and_order, gather_padded, score_blockwise
+from .blocks import triplet_ranking_loss
+from .evaluation import Emb, cat_embeddings, gather_and_order, gather_padded, score_blockwise
 from .metrics import RetrievalMetrics
 from .reporting import format_recall_table
-
-Emb = dict[str, torch.Tensor]
 
 # batch extras a method can ask for -> the datamodule option that serves them
 DATA_OPTIONS = {"boxes": "with_boxes", "pos": "with_pos", "graphs": "with_graphs", "labels": "with_labels",
