@@ -4,18 +4,25 @@
 <root>/{split}_caps.txt   5 captions per image, caption j belongs to image j // 5
 <root>/{split}_boxes.npy  optional [N, 36, 4], normalised (x1, y1, x2, y2)
 Some releases store one image row per caption (each image repeated 5 times); that is detected from the
-row count. Every problem is a DataError naming the file, the problem and the fix.
+row count *and* confirmed by checking that sampled groups of rows are identical (all of them with
+`zoo-prepare --check-features`), so a split with one caption per image is never mis-read as repeated rows.
+Every problem is a DataError naming the file, the problem and the fix.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .errors import LAYOUT_HELP, DataError
 
 BOX_TOLERANCE = 1e-3
+LARGE_FEATURE = 1e4  # bottom-up features are post-ReLU activations of order 1-100; 1e4 means broken extraction
+REPEAT_SAMPLES = 8  # groups of rows compared when detecting a repeated-rows release
 
 
 def split_paths(root: str | Path, split: str) -> dict[str, Path]:
@@ -26,11 +33,19 @@ def split_paths(root: str | Path, split: str) -> dict[str, Path]:
 def open_npy(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(path, "file not found", LAYOUT_HELP)
+    if path.is_dir():
+        raise DataError(path, "is a folder, not an .npy file", LAYOUT_HELP)
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # truncated header, not an .npy, object arrays, ...
         raise DataError(path, f"cannot read this .npy file ({type(e).__name__}: {e})",
                         "re-copy or re-extract it; it must be a plain numeric NumPy array saved with np.save") from None
+    if not isinstance(arr, np.ndarray):  # np.load returns an NpzFile for a zip archive
+        keys = list(arr.keys())
+        arr.close()
+        raise DataError(path, f"is an .npz archive (arrays {keys[:5]}), not an .npy array",
+                        f"convert it: python -c \"import numpy as np; np.save('{path}', np.load('{path}')['{keys[0] if keys else 'KEY'}'])\"")
+    return arr
 
 
 def read_captions(path: Path) -> list[str]:
@@ -93,8 +108,7 @@ def load_split(root: str | Path, split: str, *, num_regions: int = 36, feature_d
                caps_per_image: int = 5, with_boxes: bool = False, max_images: int | None = None) -> SplitData:
     root = Path(root)
     paths = split_paths(root, split)
-    if not root.is_dir():
-        raise DataError(root, "data folder not found", LAYOUT_HELP)
+    check_root(root)
     for key in ("ims", "caps"):
         if not paths[key].exists():
             raise DataError(paths[key], f"split '{split}' is missing its {paths[key].name}", LAYOUT_HELP)
@@ -116,7 +130,8 @@ def load_split(root: str | Path, split: str, *, num_regions: int = 36, feature_d
     if feats.shape[0] == n_images:
         stride = 1
     elif feats.shape[0] == n_caps:
-        stride = caps_per_image  # one row per caption: each image repeated caps_per_image times
+        stride = caps_per_image  # one row per caption: each image repeated caps_per_image times ...
+        check_repeated_rows(feats, paths["ims"], caps_per_image, paths["caps"])  # ... if the rows say so too
     else:
         raise DataError(paths["ims"], f"{feats.shape[0]} feature rows do not match {n_caps} captions in "
                         f"{paths['caps'].name} ({n_images} images x {caps_per_image})",
@@ -132,18 +147,111 @@ def load_split(root: str | Path, split: str, *, num_regions: int = 36, feature_d
     return SplitData(root, split, captions, n_images, stride, caps_per_image, paths, boxes, all_captions)
 
 
+def check_root(root: Path) -> None:
+    if root.is_file():
+        raise DataError(root, "is a file, not a data folder", "point data.root (or --root) at the folder that holds "
+                        "{split}_ims.npy and {split}_caps.txt, not at one of the files")
+    if not root.is_dir():
+        raise DataError(root, "data folder not found", LAYOUT_HELP)
+
+
+def check_repeated_rows(feats: np.ndarray, path: Path, k: int, caps_path: Path, groups: int | None = REPEAT_SAMPLES,
+                        progress: bool = False) -> None:
+    """Confirms a repeated-rows release: rows g*k .. g*k+k-1 hold one image (all groups when `groups` is None)."""
+    n_groups = feats.shape[0] // k
+    picks = range(n_groups) if groups is None else sorted(set(np.linspace(0, n_groups - 1, min(groups, n_groups)).astype(int)))
+    for g in tqdm(picks, desc=f"checking repeated rows of {path.name}", disable=not progress, leave=False):
+        block = np.asarray(feats[g * k : (g + 1) * k])
+        if not (block == block[:1]).all():
+            raise DataError(path, f"{feats.shape[0]} feature rows for {feats.shape[0]} captions in {caps_path.name}, but "
+                            f"rows {g * k}-{g * k + k - 1} are not copies of one image, so this is not a release that "
+                            f"repeats each image's row for its {k} captions",
+                            "if every image has one caption, set data.caps_per_image: 1 (zoo-prepare: --caps-per-image 1); "
+                            f"otherwise the feature file needs one row per image ({feats.shape[0] // k} rows) or "
+                            f"{k} identical rows per image")
+
+
+@dataclass
+class FeatureScan:
+    """Rows of a feature file that are non-finite (an error), all zero or absurdly large (warnings)."""
+
+    rows: int
+    nonfinite: list[int]
+    zero: list[int]
+    large: list[int]
+
+    def raise_if_bad(self, path: Path) -> None:
+        if self.nonfinite:
+            raise DataError(path, f"{len(self.nonfinite)} row(s) contain NaN or Inf values (rows "
+                            f"{self.nonfinite[:10]}{' ...' if len(self.nonfinite) > 10 else ''})",
+                            "re-extract the features of those images; NaN features would silently poison training")
+
+    def warnings(self, path: Path) -> list[str]:
+        out = []
+        for rows, what in ((self.zero, "are all zero (no detections?)"),
+                           (self.large, f"hold values above {LARGE_FEATURE:g} (broken extraction or wrong dtype?)")):
+            if rows:
+                out.append(f"{path}: {len(rows)} row(s) {what}: rows {rows[:10]}{' ...' if len(rows) > 10 else ''}")
+        return out
+
+
+def scan_features(path: Path, rows_per_step: int = 256, progress: bool = True) -> FeatureScan:
+    """Full scan of a feature file, block by block (COCO train is 33 GB)."""
+    feats = open_npy(path)
+    scan = FeatureScan(int(feats.shape[0]), [], [], [])
+    for a in tqdm(range(0, feats.shape[0], rows_per_step), desc=f"checking {path.name}", disable=not progress,
+                  leave=False):
+        block = np.asarray(feats[a : a + rows_per_step], dtype=np.float32).reshape(min(rows_per_step, feats.shape[0] - a), -1)
+        finite = np.isfinite(block)
+        peak = np.abs(np.where(finite, block, 0)).max(axis=1) if block.shape[1] else np.zeros(len(block))
+        scan.nonfinite += (a + np.flatnonzero(~finite.all(axis=1))).tolist()
+        scan.zero += (a + np.flatnonzero(peak == 0)).tolist()
+        scan.large += (a + np.flatnonzero(peak > LARGE_FEATURE)).tolist()
+    return scan
+
+
+def scan_features_cached(path: Path, cache_dir: Path, progress: bool = True) -> FeatureScan:
+    """scan_features once per file version: the result is kept beside the vocabulary, keyed by size and mtime."""
+    st = path.stat()
+    stamp = cache_dir / f"{path.stem}.scan.json"
+    key = {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if stamp.exists():
+        try:
+            data = json.loads(stamp.read_text())
+            if data.get("key") == key:
+                return FeatureScan(**data["scan"])
+        except (ValueError, TypeError, KeyError):
+            pass
+    scan = scan_features(path, progress=progress)
+    if os.access(cache_dir, os.W_OK):
+        tmp = stamp.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "scan": asdict(scan)}))
+        os.replace(tmp, stamp)
+    return scan
+
+
 def _load_boxes(path: Path, rows: int, num_regions: int) -> np.ndarray:
     boxes = open_npy(path)
     if boxes.shape != (rows, num_regions, 4):
         raise DataError(path, f"boxes have shape {boxes.shape}, expected [{rows}, {num_regions}, 4]",
                         "boxes must be normalised (x1, y1, x2, y2) per region, one row per feature row")
     b = np.asarray(boxes, dtype=np.float32)
-    bad = ~np.isfinite(b).all(axis=(1, 2))
-    bad |= ((b < -BOX_TOLERANCE) | (b > 1 + BOX_TOLERANCE)).any(axis=(1, 2))
-    bad |= ((b[..., 2] < b[..., 0] - BOX_TOLERANCE) | (b[..., 3] < b[..., 1] - BOX_TOLERANCE)).any(axis=1)
-    if bad.any():
-        rows_bad = np.flatnonzero(bad)
-        raise DataError(path, f"{rows_bad.size} row(s) have boxes outside [0, 1] or with x2 < x1 / y2 < y1 "
-                        f"(first rows: {rows_bad[:5].tolist()}, e.g. {b[rows_bad[0]].reshape(-1, 4)[0].tolist()})",
-                        "divide pixel boxes by the image width/height so they are normalised (x1, y1, x2, y2)")
+    # each problem gets its own message and fix, with one offending box shown
+    nonfinite = ~np.isfinite(b).all(axis=-1)  # [rows, regions]
+    safe = np.where(np.isfinite(b), b, 0.0)
+    outside = ((safe < -BOX_TOLERANCE) | (safe > 1 + BOX_TOLERANCE)).any(axis=-1)
+    inverted = (safe[..., 2] < safe[..., 0] - BOX_TOLERANCE) | (safe[..., 3] < safe[..., 1] - BOX_TOLERANCE)
+    checks = [
+        (nonfinite, "NaN or Inf box coordinates", "re-extract the boxes of those images"),
+        (outside, "box coordinates outside [0, 1] (pixel units?)",
+         "divide pixel boxes by the image width/height: (x1/W, y1/H, x2/W, y2/H)"),
+        (inverted, "boxes with x2 < x1 or y2 < y1 (stored as (x, y, w, h), or corners swapped?)",
+         "store corners (x1, y1, x2, y2): from (x, y, w, h) use (x, y, x + w, y + h), normalised"),
+    ]
+    for mask, problem, fix in checks:
+        if mask.any():
+            rows_bad, regions_bad = np.nonzero(mask)
+            r, q = int(rows_bad[0]), int(regions_bad[0])
+            raise DataError(path, f"{len(np.unique(rows_bad))} row(s) have {problem}; first: row {r}, region {q}, box "
+                            f"{[round(float(v), 4) for v in b[r, q]]} (rows {np.unique(rows_bad)[:5].tolist()})", fix)
     return np.clip(b, 0.0, 1.0)
