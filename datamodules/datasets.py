@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .layout import SplitData
 from .prepare import ParseTable
-from .text import Vocabulary, tokenize
+from .text import UNK, Vocabulary, tokenize, unk_rate
 
 
 def flatten_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +36,9 @@ class EncodedCaptions:
 
     def __getitem__(self, k: int) -> np.ndarray:
         return self.flat[self.offsets[k] : self.offsets[k + 1]]
+
+    def unk_rate(self, vocab: Vocabulary) -> float:
+        return unk_rate(self.flat, len(self.offsets) - 1, vocab(UNK))
 
 
 class SubwordCaptions:

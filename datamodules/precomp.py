@@ -6,15 +6,38 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Sampler
 
 from .datasets import CaptionPairs, ImageWithCaptions, collate
-from .errors import LAYOUT_HELP, DataError
-from .layout import SplitData, load_split, split_paths
-from .prepare import ParseTable, build_vocab, ensure_parsed, parse_path, vocab_filename
+from .errors import DataError
+from .layout import SplitData, check_root, load_split, scan_features_cached, split_paths
+from .prepare import (ParseTable, cache_lock, captions_digest, ensure_parsed, load_or_build_vocab, parse_is_current,
+                      parse_path, read_parse_meta, vocab_filename, vocab_is_current)
 from .labels import LabelVocabulary
+from .layout import read_captions
 from .text import Vocabulary
+
+
+class EpochShuffleSampler(Sampler):
+    """Random order that depends only on (seed, epoch): a run resumed from a checkpoint sees the same batches
+    as an uninterrupted one (a plain RandomSampler draws from the global RNG, which a resume does not restore).
+    Lightning calls set_epoch at every epoch start and wraps it for DDP."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 class PrecompDataModule(L.LightningDataModule):
@@ -33,9 +56,15 @@ class PrecompDataModule(L.LightningDataModule):
         parser: 'spacy' or 'stanza' backend for POS tags and graphs.
         subword_tokenizer: a transformers tokenizer name or folder (e.g. bert-base-uncased): also serve its
             sub-word ids, aligned with the zoo's word positions (for BERT text encoders).
-        vocab_path: a vocabulary JSON (SCAN format); default <cache_dir>/vocab.min<vocab_min_count>.json, built
-            from the training captions.
+        vocab_path: a vocabulary JSON (SCAN format) to use as it is; it must exist. Default
+            <cache_dir>/vocab.min<vocab_min_count>.json, built from the training captions and rebuilt whenever
+            they change.
         vocab_min_count: minimum count of a word to enter the vocabulary (SCAN: 4).
+        max_unk_rate: stop when more than this share of a split's words are <unk> (a vocabulary of other data).
+        check_features: scan each split's features for NaN/Inf (error), all-zero and huge rows (warnings)
+            before training starts; the result is cached per file version, so it costs nothing the second time.
+        shuffle_seed: training order seed (default: the run's seed_everything seed); the order depends only on
+            (seed, epoch), so a resumed run repeats an uninterrupted one.
         cache_dir: where artifacts are written (default: root).
         auto_prepare: build missing vocabulary/parses in prepare_data instead of failing.
     """
@@ -45,8 +74,9 @@ class PrecompDataModule(L.LightningDataModule):
                  num_regions: int = 36, feature_dim: int = 2048, with_boxes: bool = False, with_pos: bool = False,
                  with_graphs: bool = False, with_labels: bool = False, label_pos: str = "nn", num_labels: int = 500,
                  parser: str = "spacy", subword_tokenizer: str | None = None, vocab_path: str | None = None,
-                 vocab_min_count: int = 4, cache_dir: str | None = None, auto_prepare: bool = True,
-                 batch_size: int = 128, eval_batch_size: int = 128, num_workers: int = 2):
+                 vocab_min_count: int = 4, max_unk_rate: float = 0.3, check_features: bool = True,
+                 cache_dir: str | None = None, auto_prepare: bool = True, batch_size: int = 128,
+                 eval_batch_size: int = 128, num_workers: int = 2, shuffle_seed: int | None = None):
         super().__init__()
         self.root = Path(root)
         self.splits = {"fit": train_split, "val": val_split, "test": test_split}
@@ -59,8 +89,11 @@ class PrecompDataModule(L.LightningDataModule):
         self.subword_tokenizer = subword_tokenizer
         self._subword_tok = None
         self.cache_dir = Path(cache_dir) if cache_dir else self.root
+        self.explicit_vocab = vocab_path is not None
         self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / vocab_filename(vocab_min_count)
         self.vocab_min_count = vocab_min_count
+        self.max_unk_rate, self.check_features = max_unk_rate, check_features
+        self.shuffle_seed = shuffle_seed
         self.auto_prepare = auto_prepare
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self._vocab: Vocabulary | None = None
@@ -73,8 +106,7 @@ class PrecompDataModule(L.LightningDataModule):
         return self.with_pos or self.with_graphs or self.with_labels
 
     def _check_root(self) -> None:
-        if not self.root.is_dir():
-            raise DataError(self.root, "data folder not found", LAYOUT_HELP)
+        check_root(self.root)
 
     def _check_writable(self) -> None:
         try:
@@ -86,24 +118,52 @@ class PrecompDataModule(L.LightningDataModule):
                             "set data.cache_dir to a writable folder, or run `zoo-prepare --cache-dir ...` once")
 
     def prepare_data(self) -> None:
-        """Runs on one process per node: builds what is missing (vocabulary, parses)."""
+        """Runs on one process per node: builds what is missing or stale (vocabulary, parses)."""
         self._check_root()
-        missing_parses = self.needs_parses and not all(
-            parse_path(self.cache_dir, self.splits[s], self.parser).exists() for s in ("fit", "val", "test"))
-        if (not self.vocab_path.exists() or missing_parses) and self.auto_prepare:
-            self._check_writable()
-        if not self.vocab_path.exists():
-            if not self.auto_prepare:
+        if self.explicit_vocab:
+            if not self.vocab_path.is_file():  # never build a vocabulary at a mistyped path
+                Vocabulary.load(self.vocab_path)
+        elif not self.auto_prepare:
+            if not self.vocab_path.exists():
                 raise DataError(self.vocab_path, "vocabulary not found", "run `zoo-prepare --root <data>`")
-            caps = split_paths(self.root, self.splits["fit"])["caps"]
-            rank_zero_info(f"building the vocabulary from {caps} -> {self.vocab_path}")
-            build_vocab(caps, self.vocab_path, self.vocab_min_count)
-        if self.needs_parses:
-            for stage in ("fit", "val", "test"):
-                split = self.splits[stage]
-                # a split without captions fails later, in setup, with the layout error
-                if split_paths(self.root, split)["caps"].exists() and self.auto_prepare:
-                    ensure_parsed(self.root, self.cache_dir, split, self.parser)
+        if not self.auto_prepare or not self._artifacts_to_build():
+            return
+        self._check_writable()
+        with cache_lock(self.cache_dir):  # one writer per cache folder (another run or zoo-prepare waits)
+            if not self.explicit_vocab:
+                caps = split_paths(self.root, self.splits["fit"])["caps"]
+                if not self.vocab_path.exists():
+                    rank_zero_info(f"building the vocabulary from {caps} -> {self.vocab_path}")
+                load_or_build_vocab(self.vocab_path, caps, self.vocab_min_count)
+            for split in self._parsed_splits():
+                ensure_parsed(self.root, self.cache_dir, split, self.parser)
+
+    def _parsed_splits(self) -> list[str]:
+        # a split without captions fails later, in setup, with the layout error
+        if not self.needs_parses:
+            return []
+        splits = dict.fromkeys(self.splits[s] for s in ("fit", "val", "test"))
+        return [s for s in splits if split_paths(self.root, s)["caps"].exists()]
+
+    def _artifacts_to_build(self) -> list[Path]:
+        """Artifacts missing or made from other captions/tokenizer (checked without writing anything, so a
+        read-only data folder with fresh artifacts needs no cache_dir)."""
+        todo = []
+        caps = split_paths(self.root, self.splits["fit"])["caps"]
+        if not self.explicit_vocab:
+            if not self.vocab_path.exists():
+                todo.append(self.vocab_path)
+            elif caps.exists():
+                vocab = Vocabulary.load(self.vocab_path)
+                if vocab.meta is not None and not vocab_is_current(vocab, read_captions(caps), caps,
+                                                                    self.vocab_min_count):
+                    todo.append(self.vocab_path)
+        for split in self._parsed_splits():
+            path = parse_path(self.cache_dir, split, self.parser)
+            meta = read_parse_meta(path) if path.exists() else None
+            if meta is None or not parse_is_current(meta, read_captions(split_paths(self.root, split)["caps"])):
+                todo.append(path)
+        return todo
 
     @property
     def subword_tokenizer_obj(self):
@@ -143,10 +203,21 @@ class PrecompDataModule(L.LightningDataModule):
     @property
     def vocab(self) -> Vocabulary:
         if self._vocab is None:
-            if not self.vocab_path.exists():
-                self.prepare_data()  # used outside a Trainer
-            self._vocab = Vocabulary.load(self.vocab_path)
+            if not self.vocab_path.exists() or not self.explicit_vocab:
+                self.prepare_data()  # used outside a Trainer; also refreshes a stale default vocabulary
+            vocab = Vocabulary.load(self.vocab_path)
+            caps = split_paths(self.root, self.splits["fit"])["caps"]
+            if self.explicit_vocab and vocab.meta is not None and caps.exists() \
+                    and vocab.meta.get("digest") != captions_digest(read_captions(caps)):
+                rank_zero_warn(f"data.vocab_path {self.vocab_path} was built from other captions than {caps} "
+                               f"({vocab.meta.get('source')}); the <unk> check below tells whether they still fit")
+            self._vocab = vocab
         return self._vocab
+
+    def use_vocabulary(self, vocab: Vocabulary) -> None:
+        """Serve token ids of this vocabulary (e.g. the one a checkpoint was trained with)."""
+        self._vocab = vocab
+        self._datasets.clear()
 
     @property
     def vocab_size(self) -> int:
@@ -156,10 +227,21 @@ class PrecompDataModule(L.LightningDataModule):
     def split_data(self, stage: str) -> SplitData:
         if stage not in self._data:
             self._check_root()
-            self._data[stage] = load_split(self.root, self.splits[stage], num_regions=self.num_regions,
-                                           feature_dim=self.feature_dim, caps_per_image=self.caps_per_image,
-                                           with_boxes=self.with_boxes, max_images=self.max_images[stage])
+            data = load_split(self.root, self.splits[stage], num_regions=self.num_regions,
+                              feature_dim=self.feature_dim, caps_per_image=self.caps_per_image,
+                              with_boxes=self.with_boxes, max_images=self.max_images[stage])
+            if self.check_features:
+                self._scan(data)
+            self._data[stage] = data
         return self._data[stage]
+
+    def _scan(self, data: SplitData) -> None:
+        """NaN/Inf rows stop the run here, before training, instead of inside a DataLoader worker mid-epoch."""
+        cache = self.cache_dir if os.access(self.cache_dir, os.W_OK) else data.root
+        scan = scan_features_cached(data.paths["ims"], cache)
+        scan.raise_if_bad(data.paths["ims"])
+        for w in scan.warnings(data.paths["ims"]):
+            rank_zero_warn(w)
 
     def dataset(self, stage: str):
         if stage not in self._datasets:
@@ -171,10 +253,20 @@ class PrecompDataModule(L.LightningDataModule):
             image_labels = None
             if self.with_labels:
                 image_labels = self.labels.image_labels(data.captions, parses, self.caps_per_image)
-            self._datasets[stage] = cls(data, self.vocab, self.with_boxes, parses, self.with_pos, self.with_graphs,
-                                        image_labels, len(self.labels) if self.with_labels else 0,
-                                        self.subword_tokenizer_obj)
+            ds = cls(data, self.vocab, self.with_boxes, parses, self.with_pos, self.with_graphs,
+                     image_labels, len(self.labels) if self.with_labels else 0, self.subword_tokenizer_obj)
+            self._check_unknown_words(ds, data)
+            self._datasets[stage] = ds
         return self._datasets[stage]
+
+    def _check_unknown_words(self, ds, data: SplitData) -> None:
+        rate = ds.tokens.unk_rate(self.vocab)
+        rank_zero_info(f"{data.paths['caps'].name}: {100 * rate:.2f}% of words are <unk> under {self.vocab_path.name}")
+        if rate > self.max_unk_rate:
+            raise DataError(self.vocab_path, f"{100 * rate:.0f}% of the words of {data.paths['caps']} are <unk> under "
+                            "this vocabulary: it was built from other data (or another tokenizer)",
+                            "drop data.vocab_path to build the vocabulary from this training split, or point it at the "
+                            f"vocabulary of this data (to accept the rate, raise data.max_unk_rate above {rate:.2f})")
 
     def setup(self, stage: str) -> None:
         needed = {"fit": ("fit", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
@@ -190,7 +282,12 @@ class PrecompDataModule(L.LightningDataModule):
 
     # ---- loaders ------------------------------------------------------------------------------------
     def _loader(self, stage: str, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(self.dataset(stage), batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        ds = self.dataset(stage)
+        sampler = None
+        if shuffle:
+            seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler = EpochShuffleSampler(len(ds), seed)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=partial(collate, with_pos=self.with_pos, with_graphs=self.with_graphs),
                           persistent_workers=self.num_workers > 0, pin_memory=False)
 
