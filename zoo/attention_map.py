@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from datamodules import PrecompDataModule  # noqa: E402
 from datamodules.datasets import collate  # noqa: E402
 from datamodules.layout import open_npy, split_paths  # noqa: E402
+from datamodules.text import Vocabulary  # noqa: E402
 from zoo.blocks import attend  # noqa: E402
 from zoo.methods import CASCBase  # noqa: E402
 
@@ -35,6 +36,8 @@ def main() -> None:
     shape = open_npy(split_paths(args.root, args.split)["ims"]).shape  # regions/dims as stored
     dm = PrecompDataModule(args.root, test_split=args.split, with_boxes=True, num_workers=0,
                            num_regions=shape[1], feature_dim=shape[2])
+    if model.vocab_words is not None:  # the words the model was trained with, not whatever the folder holds now
+        dm.use_vocabulary(Vocabulary.from_words(model.vocab_words))
     item = dm.dataset("test")[args.image]
     item["captions"] = [item["captions"][args.caption]]
     batch = collate([item])

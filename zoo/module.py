@@ -15,9 +15,12 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
+from datamodules.errors import DataError
+
 from .blocks import triplet_ranking_loss
 from .evaluation import Emb, cat_embeddings, gather_and_order, gather_padded, score_blockwise
 from .metrics import RetrievalMetrics
+from .progress import lightning_progress
 from .reporting import format_recall_table
 
 # batch extras a method can ask for -> the datamodule option that serves them
@@ -36,12 +39,18 @@ class RetrievalModule(L.LightningModule):
         lr: Adam learning rate; lr_decay_epochs: multiply it by lr_decay every that many epochs (0 = never).
         eval_image_block / eval_caption_block: block sizes of the [I, C] scoring grid.
         fold_size: also report the mean over folds of this many images (COCO 1K) when the set is larger.
-        caps_per_image: captions per image in evaluation splits.
+
+    Captions per image come from the data (data.caps_per_image) alone. The vocabulary the model was trained
+    with (its words, in id order) is stored in every checkpoint; evaluating or resuming it with data that
+    serves another vocabulary is refused instead of silently scoring shuffled word ids.
     """
+
+    #: False for methods whose text side ignores the zoo's word ids (e.g. a BERT encoder on sub-words)
+    uses_vocabulary: bool = True
 
     def __init__(self, margin: float = 0.2, hardest_negative: bool = True, sum_negatives_epochs: int = 0, lr: float = 2e-4,
                  lr_decay_epochs: int = 15, lr_decay: float = 0.1, eval_image_block: int = 128,
-                 eval_caption_block: int = 1024, fold_size: int | None = 1000, caps_per_image: int = 5):
+                 eval_caption_block: int = 1024, fold_size: int | None = 1000):
         super().__init__()
         self.margin = margin
         self.hardest_negative = hardest_negative
@@ -52,7 +61,9 @@ class RetrievalModule(L.LightningModule):
         self.eval_image_block = eval_image_block
         self.eval_caption_block = eval_caption_block
         self.fold_size = fold_size
-        self.caps_per_image = caps_per_image
+        self.caps_per_image = 5  # replaced by the data's value at setup, and stored in checkpoints
+        self.vocab_words: list[str] | None = None  # the training vocabulary, id order (set at setup / from a checkpoint)
+        self.vocab_source: str | None = None
         self._eval_chunks: dict[str, list] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
 
@@ -87,13 +98,43 @@ class RetrievalModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
             self.check_data(dm)
+            self.caps_per_image = int(getattr(dm, "caps_per_image", self.caps_per_image))
+            if self.uses_vocabulary and getattr(dm, "vocab", None) is not None:
+                self.vocab_words, self.vocab_source = list(dm.vocab.idx2word), str(dm.vocab_path)
             self.configure_from_data(dm)
 
     def check_data(self, datamodule) -> None:
         missing = [DATA_OPTIONS[k] for k in self.required_inputs if not getattr(datamodule, DATA_OPTIONS[k], None)]
         if missing:
-            raise ValueError(f"{type(self).__name__} needs data the datamodule is not set to serve: set "
-                             + ", ".join(f"data.{m}" for m in missing) + " in the recipe")
+            raise DataError(None, f"{type(self).__name__} needs data the datamodule is not set to serve",
+                            "set " + ", ".join(f"data.{m}" for m in missing) + " in the recipe")
+        feat = getattr(datamodule, "feature_dim", None)
+        want = self.hparams.get("feature_dim") if hasattr(self, "hparams") else None
+        if feat is not None and want is not None and feat != want:
+            raise DataError(None, f"the data serves {feat}-d region features but model.feature_dim is {want}",
+                            "set data.feature_dim and model.feature_dim to the width stored in {split}_ims.npy")
+
+    # ---- what a checkpoint carries besides the weights ---------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["zoo_data"] = {"caps_per_image": self.caps_per_image, "vocab": self.vocab_words,
+                                  "vocab_source": self.vocab_source}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("zoo_data")
+        if saved is None:
+            return
+        data_words = self.vocab_words  # set at setup when a datamodule is attached (trainer.test/fit resume)
+        if self.uses_vocabulary and saved.get("vocab") is not None and data_words is not None \
+                and data_words != saved["vocab"]:
+            raise DataError(self.vocab_source, "this vocabulary is not the one the checkpoint was trained with "
+                            f"({len(saved['vocab'])} words from {saved.get('vocab_source')}; the data serves "
+                            f"{len(data_words)}{', same size but another word order' if len(data_words) == len(saved['vocab']) else ''}), "
+                            "so every word id would mean another word",
+                            f"evaluate with the training vocabulary: set data.vocab_path to {saved.get('vocab_source')} "
+                            "(or a copy of it; `python -m zoo.vocab CKPT OUT.json` writes the checkpoint's own)")
+        if saved.get("vocab") is not None:
+            self.vocab_words, self.vocab_source = saved["vocab"], saved.get("vocab_source")
+        self.caps_per_image = saved.get("caps_per_image", self.caps_per_image)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         img = self.encode_images(batch)
@@ -169,7 +210,7 @@ class RetrievalModule(L.LightningModule):
         caption_ids = torch.cat([c[3] for c in chunks])
         dm = self.trainer.datamodule
         n_images = dm.num_eval_images(stage)
-        with self.trainer.precision_plugin.forward_context():  # score at the precision the run uses
+        with self.trainer.precision_plugin.forward_context(), lightning_progress(self.trainer):  # at the run's precision
             results = self.evaluate_embeddings(img, cap, image_ids, caption_ids, n_images,
                                                progress=self.trainer.is_global_zero)
         self.last_metrics = results

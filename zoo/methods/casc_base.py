@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, i2t_similarity, region_word_scores, t2i_similarity
+from datamodules.errors import DataError
+
 from ..module import Emb, RetrievalModule
 
 
@@ -41,16 +43,13 @@ class CASCBase(RetrievalModule):
         self.hparams["vocab_size"] = vocab_size  # so checkpoints rebuild the same model
 
     def configure_from_data(self, datamodule) -> None:
-        feat = getattr(datamodule, "feature_dim", self.hparams.feature_dim)
-        if feat != self.hparams.feature_dim:
-            raise ValueError(f"the data serves {feat}-d region features but model.feature_dim is "
-                             f"{self.hparams.feature_dim}: set both to the same value")
         size = datamodule.vocab_size
         if self.text_encoder is None:
             self._build_text(size)
         elif self.text_encoder.embed.num_embeddings != size:
-            raise ValueError(f"model vocabulary has {self.text_encoder.embed.num_embeddings} words but the data's "
-                             f"has {size}: use the vocabulary the model was trained with (data.vocab_path)")
+            raise DataError(datamodule.vocab_path, f"the model's vocabulary has {self.text_encoder.embed.num_embeddings} "
+                            f"words but this one has {size}", "use the vocabulary the model was trained with "
+                            "(data.vocab_path; `python -m zoo.vocab CKPT OUT.json` writes it from the checkpoint)")
 
     def encode_images(self, batch: dict) -> Emb:
         return {"regions": self.image_encoder(batch["images"])}
