@@ -2,11 +2,19 @@
 
 LightningCLI over every RetrievalModule subclass and every LightningDataModule of the zoo; any recipe
 value can be overridden on the command line, e.g. `--trainer.max_epochs 2 --data.batch_size 64`.
+
+Evaluating without a checkpoint is refused (a randomly initialised model's recall looks like a result);
+`--allow_untrained true` keeps it for debugging. Bad input (data, checkpoints) is reported as one clear
+message without a traceback.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
+import zipfile
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -15,14 +23,79 @@ import zoo.methods  # noqa: F401
 from datamodules.errors import DataError
 from zoo.module import RetrievalModule
 
+EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+# ckpt_path values Lightning resolves itself
+SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
+
+# third-party noise that says nothing about the run (kept out of `make demo`'s screen)
+QUIET_WARNINGS = [
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*does not have many workers.*",
+    r".*GPU available but not used.*",
+    r".*is smaller than the logging interval.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+]
+
+
+class _DropLines(logging.Filter):
+    NOISE = ("💡 Tip:", "TPU available:", "HPU available:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.NOISE)
+
+
+def quiet_console() -> None:
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropLines())
+
+
+def check_checkpoint(path: str) -> None:
+    """A missing or truncated checkpoint is a clear error before anything is built on it."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(p, "checkpoint not found" if not p.exists() else "is not a file",
+                        "check --ckpt_path (runs/<recipe>/checkpoints/best.ckpt after `lightning fit`)")
+    if zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            bad = str(e)
+        if bad is None:
+            return
+    raise DataError(p, "checkpoint is truncated or not a PyTorch checkpoint (its archive does not read back)",
+                    "use a complete copy (an interrupted copy or save leaves a short file), or last.ckpt/best.ckpt")
+
 
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.num_sanity_val_steps": 0})
+        parser.add_argument("--allow_untrained", type=bool, default=False,
+                            help="validate/test/predict without --ckpt_path (a randomly initialised model; debugging only)")
+
+    def _checked_ckpt(self) -> None:
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt is None:
+            if self.subcommand in EVAL_SUBCOMMANDS and not cfg.get("allow_untrained"):
+                raise DataError(None, f"`lightning {self.subcommand}` without --ckpt_path would evaluate a randomly "
+                                "initialised model", "pass --ckpt_path runs/<recipe>/checkpoints/best.ckpt "
+                                "(or --allow_untrained true to do it anyway, for debugging)")
+            return
+        if str(ckpt) not in SPECIAL_CKPT:
+            check_checkpoint(str(ckpt))
+
+    def before_fit(self) -> None:
+        self._checked_ckpt()
+
+    before_validate = before_test = before_predict = before_fit
 
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_console()
     try:
         ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True,
                save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)

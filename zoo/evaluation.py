@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from .progress import track
 
 Emb = dict[str, torch.Tensor]
 
@@ -109,7 +109,7 @@ def score_blockwise(score: Callable[[Emb, Emb], torch.Tensor], img: Emb, cap: Em
         order = None
     sims = None
     blocks = [(a, c) for a in range(0, n_img, image_block) for c in range(0, n_cap, caption_block)]
-    for a, c in tqdm(blocks, desc=desc, disable=not progress, leave=False):
+    for a, c in track(blocks, desc=desc, enabled=progress):
         ib = {k: v[a : a + image_block] for k, v in img.items()}
         cb = trim_padding({k: v[c : c + caption_block] for k, v in cap.items()})
         s = score(ib, cb)
