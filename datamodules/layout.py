@@ -244,7 +244,7 @@ def _load_boxes(path: Path, rows: int, num_regions: int) -> np.ndarray:
     checks = [
         (nonfinite, "NaN or Inf box coordinates", "re-extract the boxes of those images"),
         (outside, "box coordinates outside [0, 1] (pixel units?)",
-         "divide pixel boxes by the image width/height: (x1/W, y1/H, x2/W, y2/H)"),
+         "divide pixel boxes by the image width/height so they are normalised: (x1/W, y1/H, x2/W, y2/H)"),
         (inverted, "boxes with x2 < x1 or y2 < y1 (stored as (x, y, w, h), or corners swapped?)",
          "store corners (x1, y1, x2, y2): from (x, y, w, h) use (x, y, x + w, y + h), normalised"),
     ]

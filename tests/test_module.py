@@ -106,7 +106,7 @@ def test_feature_dim_mismatch_is_explained(tmp_path):
     _, dm = _tiny(tmp_path)
     model = CASCBase(feature_dim=2048, embed_dim=16, word_dim=8)
     with pytest.raises(ValueError, match="feature_dim"):
-        model.configure_from_data(dm)
+        model.check_data(dm)  # a DataError (a ValueError): printed by the CLI without a traceback
 
 
 @pytest.mark.slow
