@@ -521,8 +521,16 @@ def main(argv: list[str] | None = None) -> int:
                                              paper_dir=args.paper)
             print("[ablate] report: " + ", ".join(str(p) for p in paths.values()))
             if use_wandb:
+                saved = {k: os.environ.get(k) for k in env}
                 os.environ.update(env)
-                log_comparison(args.method, args.data, Path(args.runs), table_rows, paths.get("png"))
+                try:
+                    log_comparison(args.method, args.data, Path(args.runs), table_rows, paths.get("png"))
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
         except Exception as e:  # noqa: BLE001 - the rows are done; a report problem is reported, not fatal
             print(f"[ablate] could not write the report: {e}", file=sys.stderr)
     if use_wandb and env.get("WANDB_MODE", os.environ.get("WANDB_MODE")) == "offline":
