@@ -329,3 +329,12 @@ def test_two_row_ablation_runs_skips_resumes_logs_and_ensembles(tmp_path, monkey
     expected = retrieval_metrics((mats[0] + mats[1]) / 2)
     for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"):
         assert got["ensemble"]["all"][k] == pytest.approx(expected[k]), k
+
+
+@pytest.mark.parametrize("use_pty", [False, True])
+def test_row_output_reaches_terminal_and_log(tmp_path, use_pty, capsys):
+    """On a terminal the child sees a tty (Lightning's live bar); either way the output is also logged."""
+    log = tmp_path / "row.log"
+    code = "import sys; print('tty', sys.stdout.isatty()); sys.exit(3)"
+    assert ablate._stream([sys.executable, "-c", code], log, {}, use_pty=use_pty) == 3
+    assert f"tty {use_pty}" in capsys.readouterr().out and f"tty {use_pty}" in log.read_text()

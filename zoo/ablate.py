@@ -309,16 +309,38 @@ def _fmt(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def _stream(cmd: list[str], log: Path, env: dict[str, str]) -> int:
-    """Runs cmd, copying its output (stdout+stderr, progress bars included) to the terminal and to `log`."""
+def _stream(cmd: list[str], log: Path, env: dict[str, str], use_pty: bool | None = None) -> int:
+    """Runs cmd, copying its output (stdout+stderr, progress bars included) to the terminal and to `log`.
+
+    On a terminal the child gets a pseudo-terminal of the same size, so Lightning draws its live progress bar
+    as usual (a pipe would make it print only final states); elsewhere (CI, files) a plain pipe.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
+    if use_pty is None:
+        use_pty = sys.stdout.isatty() and sys.platform != "win32"
     with open(log, "ab") as f:
         f.write(("\n$ " + " ".join(cmd) + "\n").encode())
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        try:
+        if use_pty:
+            import fcntl
+            import pty
+            import shutil
+            import struct
+            import termios
+            master, slave = pty.openpty()
+            size = shutil.get_terminal_size()
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size.lines, size.columns, 0, 0))
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                                    env={**os.environ, **env})
+            os.close(slave)
+            read = lambda: _read_pty(master)  # noqa: E731
+        else:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **env})
             assert proc.stdout is not None
+            read = lambda: proc.stdout.read1(65536)  # noqa: E731
+        try:
             while True:
-                chunk = proc.stdout.read1(65536)
+                chunk = read()
                 if not chunk:
                     break
                 f.write(chunk)
@@ -336,6 +358,16 @@ def _stream(cmd: list[str], log: Path, env: dict[str, str]) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             raise
+        finally:
+            if use_pty:
+                os.close(master)
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the child closed its side
+        return b""
 
 
 def _tail(log: Path, n: int = 15) -> str:
