@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= recipes/casc_base_synth.yaml
 DEMO_CKPT ?= runs/casc_base_synth/checkpoints/best.ckpt
 
-.PHONY: venv demo test clean bench attention
+.PHONY: venv demo test clean bench attention ablate report ensemble
 
 # torch goes in first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -34,6 +34,24 @@ bench: $(STAMP)
 attention: $(STAMP)
 	$(BIN)/python -m zoo.attention_map --ckpt $(DEMO_CKPT) --root .cache/synthscenes --image 3 --caption 1 \
 		--out runs/attention.png
+
+# Every ablation row of a method: `make ablate METHOD=casc DATA=synthetic [TABLE=..] [ROWS=a,b] [LOGGER=csv]`.
+# Resumable (run it again after a kill); ends by writing the report. ARGS='--trainer.max_epochs 1' reaches lightning.
+METHOD  ?= casc
+DATA    ?= synthetic
+LOGGER  ?= wandb
+ABLATE_OPTS = $(if $(TABLE),--table $(TABLE)) $(if $(ROWS),--rows $(ROWS)) --logger $(LOGGER)
+ablate: $(STAMP)
+	$(BIN)/python -m zoo.ablate $(METHOD) $(DATA) $(ABLATE_OPTS) $(if $(ARGS),-- $(ARGS))
+
+# The Markdown/CSV/PNG report from finished rows alone (runs/ablate/<method>_<data>/report.*).
+report: $(STAMP)
+	$(BIN)/python -m zoo.report $(METHOD) $(DATA)
+
+# Mean of the similarity matrices of several checkpoints: `make ensemble RECIPE=recipes/x.yaml CKPTS="a.ckpt b.ckpt"`.
+RECIPE ?= $(DEMO)
+ensemble: $(STAMP)
+	$(BIN)/python -m zoo.ensemble --config $(RECIPE) --ckpt $(CKPTS)
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -1,0 +1,578 @@
+"""`make ablate`: run every row of a method's ablation tables, resumably, one Lightning run per row.
+
+    python -m zoo.ablate --list casc                       # tables and rows it would run
+    python -m zoo.ablate casc synthetic                    # every row: fit, then test on best.ckpt
+    python -m zoo.ablate casc f30k --table table1_components --rows global,local_attention_global
+    python -m zoo.ablate casc_base synthetic -- --trainer.max_epochs 1    # extra args go to lightning
+
+Rows are discovered from the layout `recipes/ablations/<method>/<table>/<NN>_<row>.yaml` (a new row needs no
+change here). Row files whose name starts with `_` are not rows; a row file's first line is the comment
+`# <display label> — <what it computes>`. Each row runs as two subprocesses:
+
+    python -m zoo fit  --config recipes/<method>_<data>.yaml --config <row> --config <row dir>/ablate_fit.yaml \
+        --trainer.default_root_dir runs/ablate/<method>_<data>/<table>/<row> [--ckpt_path <row dir>/checkpoints/last.ckpt]
+    python -m zoo test ... --ckpt_path <row dir>/checkpoints/best.ckpt
+
+(`python -m zoo` is the `lightning` console script.) The overlay `ablate_fit.yaml` / `ablate_test.yaml` sets the
+loggers (CSV always, W&B unless LOGGER=csv) and, for recipes whose checkpoint callback is a plain
+`ModelCheckpoint` with a fixed dirpath, points it at `<row dir>/checkpoints` with `save_last: true`.
+
+State of a row, all in its folder: `results.json` = finished (skipped when run again); `.fit_done` = fit
+finished, test still to run; `checkpoints/last.ckpt` without `.fit_done` = killed during fit (resumed from it).
+The exit code is 0 only when every selected row has finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+DATASETS = {"synthetic": "synth", "f30k": "f30k", "coco": "coco"}  # DATA -> recipe suffix
+DATA_DIRS = {"f30k": "f30k_precomp", "coco": "coco_precomp"}
+ROW_FILE = re.compile(r"^(\d+)_(.+)\.ya?ml$")
+LABEL_SEPARATORS = (" — ", " – ", " -- ", " - ")
+
+
+# ---- the layout -----------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    method: str
+    table: str
+    name: str
+    order: int
+    path: Path
+    label: str
+    what: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.table}/{self.name}"
+
+
+def parse_label(path: Path) -> tuple[str, str]:
+    """(display label, what it computes) from the row file's first line `# <label> — <what>`."""
+    with open(path, encoding="utf-8") as f:
+        first = f.readline().strip()
+    if not first.startswith("#"):
+        return "", ""
+    text = first.lstrip("#").strip()
+    for sep in LABEL_SEPARATORS:
+        if sep in text:
+            label, what = text.split(sep, 1)
+            return label.strip(), what.strip()
+    return text, ""
+
+
+def discover(method: str, recipes: str | Path = "recipes") -> dict[str, list[Row]]:
+    """{table: rows in NN order} for recipes/ablations/<method>/<table>/<NN>_<row>.yaml."""
+    base = Path(recipes) / "ablations" / method
+    if not base.is_dir():
+        known = sorted(p.name for p in (Path(recipes) / "ablations").glob("*") if p.is_dir())
+        raise ValueError(f"no ablation rows for method {method!r}: {base} does not exist "
+                         f"(methods with rows: {', '.join(known) or 'none'})")
+    tables: dict[str, list[Row]] = {}
+    for tdir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        rows = []
+        for f in sorted(tdir.iterdir()):
+            m = ROW_FILE.match(f.name)
+            if f.name.startswith("_") or not f.is_file() or not m:
+                continue
+            label, what = parse_label(f)
+            rows.append(Row(method, tdir.name, m.group(2), int(m.group(1)), f, label or m.group(2), what))
+        rows.sort(key=lambda r: (r.order, r.name))
+        names = [r.name for r in rows]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"{tdir}: two row files share the name(s) {', '.join(sorted(dup))}")
+        if rows:
+            tables[tdir.name] = rows
+    return tables
+
+
+def select(tables: dict[str, list[Row]], table: str | None = None, rows: str | None = None) -> list[Row]:
+    """Rows of one table (or all), optionally only the named ones ('name', 'NN_name' or 'table/name')."""
+    if table:
+        if table not in tables:
+            raise ValueError(f"no table {table!r}; tables: {', '.join(tables)}")
+        tables = {table: tables[table]}
+    chosen = [r for rs in tables.values() for r in rs]
+    if rows:
+        wanted = [w.strip() for w in rows.split(",") if w.strip()]
+        out = []
+        for w in wanted:
+            hits = [r for r in chosen if w in (r.name, r.path.stem, r.key)]
+            if not hits:
+                raise ValueError(f"no row {w!r}; rows: {', '.join(r.key for r in chosen)}")
+            out += [h for h in hits if h not in out]
+        chosen = out
+    return chosen
+
+
+def format_listing(method: str, tables: dict[str, list[Row]]) -> str:
+    lines = [f"{method}: {sum(len(r) for r in tables.values())} rows in {len(tables)} tables"]
+    for t, rows in tables.items():
+        lines.append(f"\n{t}")
+        width = max(len(r.name) for r in rows)
+        for r in rows:
+            what = f" — {r.what}" if r.what else ""
+            lines.append(f"  {r.order:02d} {r.name:<{width}}  {r.label}{what}")
+    return "\n".join(lines)
+
+
+def recipe_for(method: str, data: str, recipes: str | Path = "recipes") -> Path:
+    if data not in DATASETS:
+        raise ValueError(f"DATA must be one of {', '.join(DATASETS)}, got {data!r}")
+    path = Path(recipes) / f"{method}_{DATASETS[data]}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no recipe {path} for method {method!r} on {data}")
+    return path
+
+
+def check_data(data: str, extra: list[str], data_root: str | Path = "data") -> None:
+    """f30k/coco: the standard folder must exist (or the one `--data.init_args.root` in the extra args names)."""
+    if data not in DATA_DIRS:
+        return
+    from datamodules.errors import LAYOUT_HELP, DataError
+    root = Path(data_root) / DATA_DIRS[data]
+    for i, a in enumerate(extra):
+        for flag in ("--data.init_args.root", "--data.root"):
+            if a == flag and i + 1 < len(extra):
+                root = Path(extra[i + 1])
+            elif a.startswith(flag + "="):
+                root = Path(a.split("=", 1)[1])
+    if not root.is_dir():
+        raise DataError(root, f"data folder not found for DATA={data}", LAYOUT_HELP)
+
+
+def _merged_callbacks(recipe: Path, row: Path) -> list | None:
+    """trainer.callbacks after merging recipe then row (a list in a later file replaces the earlier one)."""
+    cbs = None
+    for f in (recipe, row):
+        cfg = yaml.safe_load(f.read_text()) or {}
+        trainer = cfg.get("trainer") or {}
+        if "callbacks" in trainer:
+            cbs = trainer["callbacks"]
+    return cbs
+
+
+def checkpoint_callbacks(recipe: Path, row: Path, row_dir: Path) -> list | None:
+    """The recipe's callbacks with every plain ModelCheckpoint pointed at <row dir>/checkpoints, save_last on.
+
+    None when nothing needs changing (e.g. zoo.callbacks.ZooCheckpoint, which already writes
+    <default_root_dir>/checkpoints/{best,last}.ckpt). best.ckpt/last.ckpt are what the runner resumes and tests.
+    """
+    cbs = _merged_callbacks(recipe, row)
+    if not isinstance(cbs, list):
+        return None
+    changed, out = False, []
+    for cb in cbs:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).split(".")[-1] == "ModelCheckpoint":
+            args = dict(cb.get("init_args") or {})
+            args.update(dirpath=str(row_dir / "checkpoints"), save_last=True)
+            args.setdefault("filename", "best")
+            args.setdefault("enable_version_counter", False)
+            cb = {**cb, "init_args": args}
+            changed = True
+        out.append(cb)
+    return out if changed else None
+
+
+# ---- loggers --------------------------------------------------------------------------------------------
+def _netrc_login() -> bool:
+    import netrc
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _reachable(timeout: float = 3.0) -> bool:
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = url.split("://")[-1].split("/")[0]
+    port = 443 if url.startswith("https") else 80
+    if ":" in host:
+        host, port = host.split(":")[0], int(host.split(":")[1])
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def wandb_setup(logger: str) -> tuple[bool, dict[str, str], str]:
+    """(use W&B, environment for the rows, a line saying what was chosen).
+
+    W&B is used unless LOGGER=csv or wandb is not installed. Mode: WANDB_MODE if set; otherwise online when an
+    API key or a netrc login exists and the server answers, offline (`wandb sync` later) when not.
+    """
+    env: dict[str, str] = {}
+    if logger == "csv":
+        return False, env, "logging: CSV only (LOGGER=csv)"
+    try:
+        import wandb  # noqa: F401
+    except Exception as e:  # not installed, or broken
+        warnings.warn(f"wandb unavailable ({e}); logging to CSV only (pip install wandb)")
+        return False, env, "logging: CSV only (wandb not installed)"
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None:
+        mode = "online" if (os.environ.get("WANDB_API_KEY") or _netrc_login()) else "offline"
+        if mode == "online" and not _reachable():
+            warnings.warn("W&B server unreachable: logging offline (upload later with `wandb sync`)")
+            mode = "offline"
+        env["WANDB_MODE"] = mode
+    return True, env, f"logging: CSV + W&B ({mode})"
+
+
+def overlay(row: Row, data: str, row_dir: Path, stage: str, use_wandb: bool, run_id: str,
+            callbacks: list | None) -> dict:
+    """The per-row config layered after recipe and row: loggers (and checkpoint paths for ModelCheckpoint)."""
+    loggers: list[dict] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                            "init_args": {"save_dir": str(row_dir), "name": f"csv_{stage}"}}]
+    if use_wandb:
+        loggers.append({"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
+            "project": wandb_project(row.method, data), "save_dir": str(row_dir), "name": row.name,
+            "group": row.table, "tags": [row.method, data, row.table, row.name], "id": run_id, "resume": "allow",
+            "notes": f"{row.label} — {row.what}" if row.what else row.label, "log_model": False}})
+    trainer: dict[str, Any] = {"logger": loggers}
+    if callbacks is not None:
+        trainer["callbacks"] = callbacks
+    return {"trainer": trainer}
+
+
+def wandb_project(method: str, data: str) -> str:
+    return f"itm-zoo-{method}-{data}"
+
+
+class RowCallback(Callback):
+    """Added to every ablation run: sends the full resolved config to W&B and writes the test metrics.
+
+    results_path: where on_test_end writes {"test": {...}, "test_1k": {...}} (the module's last_metrics,
+    keyed as they are logged). W&B trouble only warns: it never fails a row.
+    """
+
+    def __init__(self, results_path: str | None = None):
+        self.results_path = results_path
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning.pytorch.cli import SaveConfigCallback
+        from lightning.pytorch.loggers import WandbLogger
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        saver = next((cb for cb in trainer.callbacks if isinstance(cb, SaveConfigCallback)), None)
+        if not wandb_loggers or saver is None:
+            return
+        try:
+            config = yaml.safe_load(saver.parser.dump(saver.config, skip_none=False))
+            for lg in wandb_loggers:
+                lg.experiment.config.update({"cli": config}, allow_val_change=True)
+        except Exception as e:  # noqa: BLE001 - logging must not fail the run
+            warnings.warn(f"could not send the config to W&B: {e}")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if not (self.results_path and trainer.is_global_zero):
+            return
+        metrics = {("test" if split == "all" else f"test_{split}"): {k: float(v) for k, v in m.items()}
+                   for split, m in getattr(pl_module, "last_metrics", {}).items()}
+        Path(self.results_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.results_path).write_text(json.dumps(metrics, indent=1))
+        # also set the run summary directly: a resumed offline run restarts its step count, and history rows
+        # with an older step can be dropped at `wandb sync`, summary values cannot
+        from lightning.pytorch.loggers import WandbLogger
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                try:
+                    lg.experiment.summary.update({f"{p}/{k}": v for p, m in metrics.items() for k, v in m.items()})
+                except Exception as e:  # noqa: BLE001
+                    warnings.warn(f"could not write the test metrics to the W&B summary: {e}")
+
+
+# ---- running ------------------------------------------------------------------------------------------
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _stream(cmd: list[str], log: Path, env: dict[str, str], use_pty: bool | None = None) -> int:
+    """Runs cmd, copying its output (stdout+stderr, progress bars included) to the terminal and to `log`.
+
+    On a terminal the child gets a pseudo-terminal of the same size, so Lightning draws its live progress bar
+    as usual (a pipe would make it print only final states); elsewhere (CI, files) a plain pipe.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if use_pty is None:
+        use_pty = sys.stdout.isatty() and sys.platform != "win32"
+    with open(log, "ab") as f:
+        f.write(("\n$ " + " ".join(cmd) + "\n").encode())
+        if use_pty:
+            import fcntl
+            import pty
+            import shutil
+            import struct
+            import termios
+            master, slave = pty.openpty()
+            size = shutil.get_terminal_size()
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size.lines, size.columns, 0, 0))
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                                    env={**os.environ, **env})
+            os.close(slave)
+            read = lambda: _read_pty(master)  # noqa: E731
+        else:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **env})
+            assert proc.stdout is not None
+            read = lambda: proc.stdout.read1(65536)  # noqa: E731
+        try:
+            while True:
+                chunk = read()
+                if not chunk:
+                    break
+                f.write(chunk)
+                out = getattr(sys.stdout, "buffer", None)
+                if out is not None:
+                    out.write(chunk)
+                else:  # a replaced sys.stdout (pytest capture, notebooks)
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            return proc.wait()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        finally:
+            if use_pty:
+                os.close(master)
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the child closed its side
+        return b""
+
+
+def _tail(log: Path, n: int = 15) -> str:
+    try:
+        lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln.strip()]
+    return "\n".join("    " + ln for ln in lines[-n:])
+
+
+@dataclass
+class RowResult:
+    row: Row
+    status: str  # finished | skipped | failed
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class Ablation:
+    method: str
+    data: str
+    recipes: Path = Path("recipes")
+    runs: Path = Path("runs/ablate")
+    use_wandb: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return self.runs / f"{self.method}_{DATASETS[self.data]}"
+
+    def row_dir(self, row: Row) -> Path:
+        return self.root / row.table / row.name
+
+    def commands(self, row: Row, stage: str, ckpt: Path | None) -> list[str]:
+        row_dir = self.row_dir(row)
+        recipe = recipe_for(self.method, self.data, self.recipes)
+        id_file = row_dir / "wandb_id"
+        if not id_file.exists():  # fit and test of a row (and a resumed fit) log to the same W&B run
+            id_file.write_text(f"{row.name[:20]}-{secrets.token_hex(4)}")
+        cfg = overlay(row, self.data, row_dir, stage, self.use_wandb, id_file.read_text().strip(),
+                      checkpoint_callbacks(recipe, row.path, row_dir))
+        cfg_path = row_dir / f"ablate_{stage}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        cmd = [sys.executable, "-m", "zoo", stage, "--config", str(recipe), "--config", str(row.path),
+               "--config", str(cfg_path), "--trainer.default_root_dir", str(row_dir),
+               "--trainer.callbacks+=zoo.ablate.RowCallback"]
+        if stage == "test":
+            cmd += ["--trainer.callbacks.results_path", str(row_dir / "test_metrics.json")]
+        if ckpt is not None:
+            cmd += ["--ckpt_path", str(ckpt)]
+        return cmd + list(self.extra)
+
+    def run_row(self, row: Row) -> RowResult:
+        row_dir = self.row_dir(row)
+        results = row_dir / "results.json"
+        if results.exists():
+            return RowResult(row, "skipped", message="finished before (delete its results.json to run it again)")
+        row_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        fit_done, ckpts = row_dir / ".fit_done", row_dir / "checkpoints"
+        log = row_dir / "ablate.log"
+        timings = json.loads(fit_done.read_text()) if fit_done.exists() else {}
+        if not fit_done.exists():
+            last = ckpts / "last.ckpt"
+            resume = last if last.exists() else None
+            if resume:
+                print(f"[ablate] {row.key}: resuming the killed fit from {resume}", flush=True)
+            rc = _stream(self.commands(row, "fit", resume), log, self.env)
+            if rc != 0:
+                return RowResult(row, "failed", time.time() - t0, f"fit exited with {rc}; log: {log}\n{_tail(log)}")
+            timings = {"fit_seconds": round(time.time() - t0, 1), "resumed_from": str(resume) if resume else None}
+            fit_done.write_text(json.dumps(timings))
+        best = ckpts / "best.ckpt"
+        if not best.exists():
+            if not (ckpts / "last.ckpt").exists():
+                return RowResult(row, "failed", time.time() - t0, f"fit wrote no checkpoint in {ckpts}")
+            warnings.warn(f"{row.key}: no best.ckpt (no validation ran?): testing last.ckpt")
+            best = ckpts / "last.ckpt"
+        metrics_file = row_dir / "test_metrics.json"
+        metrics_file.unlink(missing_ok=True)
+        t1 = time.time()
+        rc = _stream(self.commands(row, "test", best), log, self.env)
+        if rc != 0 or not metrics_file.exists():
+            return RowResult(row, "failed", time.time() - t0, f"test exited with {rc}; log: {log}\n{_tail(log)}")
+        out = {"method": self.method, "data": self.data, "table": row.table, "row": row.name, "order": row.order,
+               "label": row.label, "what": row.what, "row_file": str(row.path), "checkpoint": str(best),
+               **timings, "test_seconds": round(time.time() - t1, 1),
+               "metrics": json.loads(metrics_file.read_text())}
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(results)  # atomic: a row is finished exactly when results.json exists
+        return RowResult(row, "finished", time.time() - t0)
+
+    def run(self, rows: list[Row]) -> list[RowResult]:
+        start, done, ran_seconds = time.time(), [], []
+        n = len(rows)
+        for k, row in enumerate(rows, 1):
+            pending = [r for r in rows[k - 1:] if not (self.row_dir(r) / "results.json").exists()]
+            eta = (sum(ran_seconds) / len(ran_seconds) * len(pending)) if ran_seconds else None
+            eta_s = _fmt(eta) if eta is not None else "after the first row"
+            print(f"\n[ablate] row {k}/{n}: {row.key} ({row.label}) | elapsed {_fmt(time.time() - start)} "
+                  f"| remaining ~{eta_s}", flush=True)
+            res = self.run_row(row)
+            if res.status != "skipped":
+                ran_seconds.append(res.seconds)
+            note = f" in {_fmt(res.seconds)}" if res.status != "skipped" else ""
+            print(f"[ablate] row {k}/{n}: {row.key} {res.status}{note}"
+                  + (f"\n{res.message}" if res.status == "failed" else ""), flush=True)
+            done.append(res)
+        print(f"\n[ablate] {self.method} on {self.data}: {n} rows in {_fmt(time.time() - start)}")
+        for r in done:
+            print(f"  {r.status:<8} {r.row.key}" + (f"  ({_fmt(r.seconds)})" if r.status == "finished" else ""))
+        return done
+
+
+def log_comparison(method: str, data: str, runs: Path, table_rows: list[dict], chart: Path | None) -> None:
+    """The comparison (ours beside the paper's) as a W&B Table in a `comparison` run of the project."""
+    try:
+        import wandb
+        root = runs / f"{method}_{DATASETS[data]}"
+        run = wandb.init(project=wandb_project(method, data), name="comparison", group="comparison",
+                         job_type="report", dir=str(root), tags=[method, data, "comparison"], reinit="finish_previous")
+        cols = list(table_rows[0].keys()) if table_rows else []
+        data_rows = [[r.get(c) for c in cols] for r in table_rows]
+        payload: dict[str, Any] = {"comparison": wandb.Table(columns=cols, data=data_rows)}
+        if chart is not None and chart.exists():
+            payload["rsum_chart"] = wandb.Image(str(chart))
+        run.log(payload)
+        run.finish()
+    except Exception as e:  # noqa: BLE001 - W&B never fails the ablation
+        warnings.warn(f"could not log the comparison table to W&B: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(prog="python -m zoo.ablate", description=__doc__.split("\n")[0],
+                                 epilog="Arguments after `--` are passed to every `lightning fit/test` of the rows.")
+    ap.add_argument("method", nargs="?", help="casc_base | casc | cccl (a folder under recipes/ablations)")
+    ap.add_argument("data", nargs="?", choices=list(DATASETS), help="synthetic | f30k | coco")
+    ap.add_argument("--list", metavar="METHOD", help="print the tables and rows of METHOD and exit")
+    ap.add_argument("--table", help="only this table (folder name)")
+    ap.add_argument("--rows", help="only these rows, comma separated (row names, NN_name or table/name)")
+    ap.add_argument("--logger", default=os.environ.get("LOGGER", "wandb"), choices=["wandb", "csv"],
+                    help="wandb (CSV + W&B, offline without an API key) or csv (default: $LOGGER or wandb)")
+    ap.add_argument("--recipes", default="recipes", help="recipe folder (holds ablations/)")
+    ap.add_argument("--runs", default="runs/ablate", help="where row folders go")
+    ap.add_argument("--data-root", default="data", help="folder holding f30k_precomp / coco_precomp")
+    ap.add_argument("--paper", default=None, help="folder of paper figure CSVs (default zoo/paper_results)")
+    ap.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    args = ap.parse_args(argv)
+    try:
+        if args.list:
+            print(format_listing(args.list, discover(args.list, args.recipes)))
+            return 0
+        if not (args.method and args.data):
+            ap.error("give METHOD and DATA (or --list METHOD)")
+        tables = discover(args.method, args.recipes)
+        rows = select(tables, args.table, args.rows)
+        recipe_for(args.method, args.data, args.recipes)
+        check_data(args.data, extra, args.data_root)
+    except ValueError as e:  # DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    use_wandb, env, how = wandb_setup(args.logger)
+    print(f"[ablate] {args.method} on {args.data}: {len(rows)} rows; {how}", flush=True)
+    abl = Ablation(args.method, args.data, Path(args.recipes), Path(args.runs), use_wandb, env, extra)
+    try:
+        results = abl.run(rows)
+    except KeyboardInterrupt:
+        print("\n[ablate] interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    if not args.no_report:
+        from .report import write_report
+        try:
+            paths, table_rows = write_report(args.method, args.data, runs=args.runs, recipes=args.recipes,
+                                             paper_dir=args.paper)
+            print("[ablate] report: " + ", ".join(str(p) for p in paths.values()))
+            if use_wandb:
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    log_comparison(args.method, args.data, Path(args.runs), table_rows, paths.get("png"))
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+        except Exception as e:  # noqa: BLE001 - the rows are done; a report problem is reported, not fatal
+            print(f"[ablate] could not write the report: {e}", file=sys.stderr)
+    if use_wandb and env.get("WANDB_MODE", os.environ.get("WANDB_MODE")) == "offline":
+        print(f"[ablate] W&B ran offline: upload with `wandb sync {abl.root}/*/*/wandb/offline-run-*`")
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        print(f"[ablate] {len(failed)} of {len(results)} rows failed: " + ", ".join(r.row.key for r in failed),
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
