@@ -57,6 +57,9 @@ def load_model(ckpt: str | Path, datamodule=None) -> RetrievalModule:
     model = cls.load_from_checkpoint(str(ckpt), map_location="cpu")
     if datamodule is not None:
         model.check_data(datamodule)
+        if getattr(datamodule, "vocab", None) is not None:
+            model.check_vocabulary(datamodule.vocab.idx2word, str(datamodule.vocab_path), model.vocab_words,
+                                   model.vocab_source)
         model.configure_from_data(datamodule)
     return model.eval()
 
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     dm = build_datamodule(args.config, overrides)
     n_images = dm.num_eval_images("test")
     models = [load_model(c, dm) for c in args.ckpt]
-    k, fold = models[0].caps_per_image, models[0].fold_size
+    k, fold = dm.caps_per_image, models[0].fold_size
     sims = [similarity_matrix(m, dm.test_dataloader(), n_images, k) for m in models]
     out = {"models": {c: all_metrics(s, k, fold) for c, s in zip(args.ckpt, sims)},
            "ensemble": ensemble_metrics(sims, k, fold, args.weights)}

@@ -64,6 +64,7 @@ class RetrievalModule(L.LightningModule):
         self.caps_per_image = 5  # replaced by the data's value at setup, and stored in checkpoints
         self.vocab_words: list[str] | None = None  # the training vocabulary, id order (set at setup / from a checkpoint)
         self.vocab_source: str | None = None
+        self._data_attached = False
         self._eval_chunks: dict[str, list] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
 
@@ -99,6 +100,7 @@ class RetrievalModule(L.LightningModule):
         if dm is not None:
             self.check_data(dm)
             self.caps_per_image = int(getattr(dm, "caps_per_image", self.caps_per_image))
+            self._data_attached = True
             if self.uses_vocabulary and getattr(dm, "vocab", None) is not None:
                 self.vocab_words, self.vocab_source = list(dm.vocab.idx2word), str(dm.vocab_path)
             self.configure_from_data(dm)
@@ -114,6 +116,18 @@ class RetrievalModule(L.LightningModule):
             raise DataError(None, f"the data serves {feat}-d region features but model.feature_dim is {want}",
                             "set data.feature_dim and model.feature_dim to the width stored in {split}_ims.npy")
 
+    def check_vocabulary(self, data_words: list[str] | None, data_source: str | None, trained_words: list[str] | None,
+                         trained_source: str | None) -> None:
+        """Refuses data whose word ids would mean other words than in training (other size or order)."""
+        if not self.uses_vocabulary or data_words is None or trained_words is None or data_words == trained_words:
+            return
+        same = ", same size but another word order" if len(data_words) == len(trained_words) else ""
+        raise DataError(data_source, "this vocabulary is not the one the checkpoint was trained with "
+                        f"({len(trained_words)} words from {trained_source}; the data serves {len(data_words)}{same}), "
+                        "so every word id would mean another word",
+                        f"evaluate with the training vocabulary: set data.vocab_path to {trained_source} (or a copy "
+                        "of it; `python -m zoo.vocab CKPT OUT.json` writes the checkpoint's own)")
+
     # ---- what a checkpoint carries besides the weights ---------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["zoo_data"] = {"caps_per_image": self.caps_per_image, "vocab": self.vocab_words,
@@ -123,18 +137,12 @@ class RetrievalModule(L.LightningModule):
         saved = checkpoint.get("zoo_data")
         if saved is None:
             return
-        data_words = self.vocab_words  # set at setup when a datamodule is attached (trainer.test/fit resume)
-        if self.uses_vocabulary and saved.get("vocab") is not None and data_words is not None \
-                and data_words != saved["vocab"]:
-            raise DataError(self.vocab_source, "this vocabulary is not the one the checkpoint was trained with "
-                            f"({len(saved['vocab'])} words from {saved.get('vocab_source')}; the data serves "
-                            f"{len(data_words)}{', same size but another word order' if len(data_words) == len(saved['vocab']) else ''}), "
-                            "so every word id would mean another word",
-                            f"evaluate with the training vocabulary: set data.vocab_path to {saved.get('vocab_source')} "
-                            "(or a copy of it; `python -m zoo.vocab CKPT OUT.json` writes the checkpoint's own)")
+        if self.vocab_words is not None:  # set at setup when a datamodule is attached (trainer.test/fit resume)
+            self.check_vocabulary(self.vocab_words, self.vocab_source, saved.get("vocab"), saved.get("vocab_source"))
         if saved.get("vocab") is not None:
             self.vocab_words, self.vocab_source = saved["vocab"], saved.get("vocab_source")
-        self.caps_per_image = saved.get("caps_per_image", self.caps_per_image)
+        if not self._data_attached:  # with a datamodule, its caps_per_image is the one source of truth
+            self.caps_per_image = saved.get("caps_per_image", self.caps_per_image)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         img = self.encode_images(batch)
