@@ -12,6 +12,15 @@ from zoo.blocks.losses import triplet_ranking_loss
 from zoo.blocks.vsf import SimilarityScorer, VectorSimilarity, global_pool, local_similarity
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: threads only contend on a shared 2-core machine (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def float64():
     old = torch.get_default_dtype()

@@ -14,14 +14,15 @@ SUBWORD_POOLING = ("mean", "first")
 
 
 def pool_subwords(hidden: torch.Tensor, subword_to_word: torch.Tensor, subword_mask: torch.Tensor, n_words: int,
-                  how: str = "mean") -> torch.Tensor:
-    """hidden [C, T, h], subword_to_word [C, T] (word position 1..n; 0 / n+1 = [CLS] / [SEP]), subword_mask [C, T]
-    -> word features [C, n_words, h], row k = word position k + 1 (0 where a word got no sub-word)."""
+                  word_counts: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """hidden [C, T, h], subword_to_word [C, T] (word position 1..n_c; 0 / n_c + 1 = [CLS] / [SEP]), subword_mask
+    [C, T], word_counts [C] = n_c -> word features [C, n_words, h], row k = word position k + 1 (0 where a word got no
+    sub-word, and beyond n_c)."""
     if how not in SUBWORD_POOLING:
         raise ValueError(f"unknown sub-word pooling {how!r}: use one of {SUBWORD_POOLING}")
     c, t, h = hidden.shape
     idx = subword_to_word - 1  # word position k + 1 -> row k
-    keep = subword_mask & (idx >= 0) & (idx < n_words)
+    keep = subword_mask & (idx >= 0) & (idx < word_counts[:, None]) & (idx < n_words)
     if how == "first":  # keep only the first sub-word of each word
         prev = torch.cat([torch.full_like(idx[:, :1], -2), idx[:, :-1]], dim=1)
         keep = keep & (idx != prev)
@@ -66,8 +67,8 @@ class BertWordEncoder(nn.Module):
         return self
 
     def forward(self, subword_ids: torch.Tensor, subword_mask: torch.Tensor, subword_to_word: torch.Tensor,
-                n_words: int) -> torch.Tensor:
-        """-> [C, n_words, d_E]: the features of word positions 1..n_words."""
+                n_words: int, word_counts: torch.Tensor) -> torch.Tensor:
+        """-> [C, n_words, d_E]: the features of word positions 1..n_words (word_counts [C] real words each)."""
         with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
             hidden = self.backbone(input_ids=subword_ids, attention_mask=subword_mask.long()).last_hidden_state
-        return pool_subwords(hidden, subword_to_word, subword_mask, n_words, self.pooling)
+        return pool_subwords(hidden, subword_to_word, subword_mask, n_words, word_counts, self.pooling)

@@ -112,7 +112,7 @@ class CCCLNet(nn.Module):
                 if k not in batch:
                     raise ValueError(f"CCCL's BERT text encoder needs the batch key {k!r}: set data.subword_tokenizer "
                                      "to the same model folder/name as model.bert_model (or model.text_encoder: bigru)")
-            e = self.bert(batch["subword_ids"], batch["subword_mask"], batch["subword_to_word"], width)
+            e = self.bert(batch["subword_ids"], batch["subword_mask"], batch["subword_to_word"], width, n_words)
         else:
             if self.bigru is None:
                 raise RuntimeError("CCCL with text_encoder='bigru' needs vocab_size (or a datamodule) before encoding")
