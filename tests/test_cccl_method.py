@@ -231,3 +231,19 @@ def test_fit_validate_and_checkpoint_round_trip(data_root, tmp_path):
     img2, cap2 = _val_embeddings(again, dm)
     with torch.no_grad():
         assert torch.allclose(model.score(img, cap), again.score(img2, cap2), atol=1e-6)
+
+
+def test_paper_figures_name_the_rows():
+    import csv
+
+    path = ROOT / "zoo" / "paper_results" / "cccl.csv"
+    with open(path, newline="") as f:
+        header = f.readline().strip()
+    assert header == "table,row,dataset,protocol,i2t_r1,i2t_r5,i2t_r10,t2i_r1,t2i_r5,t2i_r10,rsum,note"
+    rows = list(csv.DictReader(open(path, newline="")))
+    stems = {(r.parent.name, r.stem[3:]) for r in ROWS}
+    for r in rows:
+        assert r["dataset"] in ("f30k", "coco") and r["protocol"] in ("test", "1k", "5k")
+        if not r["table"].startswith(("table2_f30k", "table3_coco1k", "table4_coco5k")):
+            assert (r["table"], r["row"]) in stems, r
+    assert {s for t, s in stems if t == "table6_ablations"} == {r["row"] for r in rows if r["table"] == "table6_ablations"}
