@@ -82,9 +82,13 @@ def test_vsf_matches_equation_and_pairwise_equals_paired():
     vsf = VectorSimilarity(5, 3)
     a, b = torch.randn(4, 5), torch.randn(2, 5)
     out = vsf.pairwise(a, b)
+    printed = VectorSimilarity(5, 3, normalize_inputs=False)
+    raw = printed.pairwise(a, b)
     for i in range(4):
         for c in range(2):
-            x = vsf.weight.weight @ (a[i] - b[c]) ** 2  # Eq. (15)
+            x = printed.weight.weight @ (a[i] - b[c]) ** 2  # Eq. (15) as printed
+            assert torch.allclose(raw[i, c], x / x.norm())
+            x = vsf.weight.weight @ (a[i] / a[i].norm() - b[c] / b[c].norm()) ** 2  # SGRAF: unit inputs
             assert torch.allclose(out[i, c], x / x.norm())
     cos = VectorSimilarity(5, 3, use_vsf=False).pairwise(a, b)
     assert cos.shape == (4, 2, 1)

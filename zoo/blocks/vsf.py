@@ -17,17 +17,24 @@ class VectorSimilarity(nn.Module):
     """VSF(a, b, W) = W |a - b|^2 / ||W |a - b|^2||_2, CCCL Eq. (15), W in R^{P x d}. a, b [..., d] -> [..., P].
 
     use_vsf=False ("w/o VSF"): the cosine of a and b instead, as a [..., 1] vector.
+    normalize_inputs=True (default): a and b are l2-normalised first, as in SGRAF's code, which the paper names as
+    the source of the VSF. Eq. (15) as printed (False) compares raw vectors: when one side is much longer than the
+    other, |a - b|^2 is nearly the same for every partner and the scores of all pairs collapse together (observed
+    on SynthScenes: no learning).
     """
 
-    def __init__(self, dim: int, sim_dim: int = 256, use_vsf: bool = True):
+    def __init__(self, dim: int, sim_dim: int = 256, use_vsf: bool = True, normalize_inputs: bool = True):
         super().__init__()
         self.use_vsf = use_vsf
+        self.normalize_inputs = normalize_inputs
         self.weight = nn.Linear(dim, sim_dim, bias=False) if use_vsf else None
         self.out_dim = sim_dim if use_vsf else 1
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if not self.use_vsf:
             return (l2_normalize(a) * l2_normalize(b)).sum(-1, keepdim=True)
+        if self.normalize_inputs:
+            a, b = l2_normalize(a), l2_normalize(b)
         return l2_normalize(self.weight((a - b) ** 2))
 
     def pairwise(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,9 @@ class CCCL(RetrievalModule):
         attention_smooth: inverse temperature of Eq. (17)'s softmax (unvalued in the paper, 9 as SCAN/CASC);
             not the loss weight.
         gcn_layers / edge_norm: Eq. (24)'s residual GCN layers and the affinity normalisation (blocks.graph).
-        coherence_weight: lambda of Eq. (34); coherence_reduction 'sum' (Eq. 31) or 'mean' over the b^2 pairs.
+        coherence_weight: lambda of Eq. (34). coherence_reduction: 'mean' over the b^2 pairs (default) or 'sum' as
+            printed in Eq. (31); with 'sum' the coherence term flattens every score at the start, before the triplet
+            term can separate them, and nothing is learned (observed on SynthScenes, loss stuck at b(b-1) x margin).
         eval_pair_budget: floats of per-pair intermediates per scoring chunk (bounds evaluation memory).
     """
 
@@ -49,7 +51,7 @@ class CCCL(RetrievalModule):
                  use_vsf: bool = True, use_avg_pool: bool = True, use_max_pool: bool = True,
                  use_dependency_graph: bool = True, use_context_gru: bool = True, gcn_layers: int = 1,
                  edge_norm: str = "softmax", scorer: str = "mlp", attention_smooth: float = 9.0,
-                 coherence_weight: float = 0.5, coherence_reduction: str = "sum", eval_pair_budget: int = 2 ** 26,
+                 coherence_weight: float = 0.5, coherence_reduction: str = "mean", eval_pair_budget: int = 2 ** 26,
                  **loop_kwargs):
         loop_kwargs.setdefault("lr", 2e-4)
         loop_kwargs.setdefault("lr_decay_epochs", 15)
