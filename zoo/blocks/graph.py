@@ -119,9 +119,10 @@ def pair_gru_last_state(gru: nn.GRU, first_gi: torch.Tensor | None, node_gi: tor
     """
     b, n, _ = node_gi.shape
     h = None if first_gi is None else gru_step(gru, first_gi, None)[:, None, :]  # [A, 1, d]: once per item of A
+    shortest = n if lengths is None else int(lengths.min())
     for k in range(n):
         new = gru_step(gru, node_gi[None, :, k], h)  # [A, B, d] (or [1, B, d])
-        if lengths is not None:  # a sequence that has ended keeps its state
+        if k >= shortest:  # a sequence that has ended keeps its state
             old = new.new_zeros(()) if h is None else h
             new = torch.where((k < lengths)[None, :, None], new, old)
         h = new
