@@ -14,6 +14,22 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | SCAN  | clipped-l2 normalisation, LSE pooling  | functional.normalize_scores, functional.aggregate |
 | CCCL  | (17) ReLU-l2 normalisation             | functional.normalize_scores(how="relu_l2")   |
 | CCCL  | (33) triplet alignment term            | losses.triplet_ranking_loss                   |
+| CCCL  | (1)-(7) context-perceived cell (CPC)   | cpc.ContextPerceivedCell                      |
+| CCCL  | (8)-(10) visual embedding              | cpc.VisualContextEmbedding                    |
+| CCCL  | (9) absolute position features         | cpc.box_position_tuple, cpc.BoxPositionEmbedding |
+| CCCL  | (11) BERT word features (sub-word pool)| bert.BertWordEncoder, bert.pool_subwords      |
+| CCCL  | (11)-(12) textual embedding            | cpc.TextContextEmbedding                      |
+| CCCL  | (13)-(14) max+avg pooling, FC          | vsf.global_pool, vsf.GlobalEmbedding          |
+| CCCL  | (15)-(16) vector similarity (VSF)      | vsf.VectorSimilarity                          |
+| CCCL  | (17)-(20) Branch 2 cross attention+VSF | vsf.local_similarity                          |
+| CCCL  | (21)-(23) visual/textual graphs        | graph.AffinityGraph, graph.edge_weights, graph.dependency_edges |
+| CCCL  | (24)-(25) residual GCN                 | graph.ResidualGCN                             |
+| CCCL  | (26) C-GRU, batched over pairs         | graph.pair_gru_last_state (+ slow_pair_gru_last_state) |
+| CCCL  | (27) Branch 3 VSF                      | vsf.VectorSimilarity                          |
+| CCCL  | (28) shared MLP scorer (sigmoid)       | vsf.SimilarityScorer                          |
+| CCCL  | (29)-(31) coherence term L_c           | coherence.coherence_loss                      |
+| CCCL  | (32) F = mean of branch scores         | vsf.fuse_scores                               |
+| CCCL  | (33)-(34) hybrid loss                  | coherence.hybrid_loss                         |
 """
 from .attention import (RegionWordScores, attend, attention_weights, i2t_similarity, region_word_scores,
                         t2i_similarity)

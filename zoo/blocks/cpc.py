@@ -1,0 +1,129 @@
+"""CCCL's context-perceived embeddings (Sec. 3.2, Eqs. (1)-(12)).
+
+- ContextPerceivedCell: CCCL Eqs. (1)-(7), a one-head gated self-attention with a residual.
+- box_position_tuple / BoxPositionEmbedding: CCCL Eq. (9) (absolute region positions).
+- VisualContextEmbedding: CCCL Eqs. (8)-(10); TextContextEmbedding: CCCL Eqs. (11)-(12).
+Masks: every region is real; padded words (mask False) are never attended to and their outputs are 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+POSITION_TUPLES = ("corners_area_aspect", "corners_size")
+
+
+class ContextPerceivedCell(nn.Module):
+    """CPC(Y) = softmax(Q^ K^T^ / sqrt(d_K)) V + Y, CCCL Eqs. (1)-(7).
+
+    Q, K, V = Y W_Q, Y W_K, Y W_V (Eq. 1, no bias as printed); U = Q o K (Eq. 3);
+    G_Q = sigmoid(U W_Q^G + b_Q^G), G_K = sigmoid(U W_K^G + b_K^G) (Eq. 4);
+    Q^ = Q o G_Q, K^ = K o G_K (Eq. 5: the paper prints G_V for the key gate, a typo for G_K);
+    A^ = softmax(Q^ K^^T / sqrt(d_K)) V (Eq. 6, one head, d_K = d_V = d); CPC(Y) = A^ + Y (Eq. 7).
+    Y [B, N, d], mask [B, N] (True = real item; None = all real) -> [B, N, d], 0 at padded positions.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.gate_q = nn.Linear(dim, dim)
+        self.gate_k = nn.Linear(dim, dim)
+        self.dim = dim
+
+    def forward(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.q(y), self.k(y), self.v(y)  # Eq. (1)
+        u = q * k  # Eq. (3)
+        q_hat = q * torch.sigmoid(self.gate_q(u))  # Eqs. (4)-(5)
+        k_hat = k * torch.sigmoid(self.gate_k(u))
+        logits = torch.matmul(q_hat, k_hat.transpose(-1, -2)) / math.sqrt(self.dim)  # Eq. (6)
+        if mask is not None:
+            logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+            # a row whose every key is masked (an all-padding caption) would be NaN: give it a harmless 0 logit
+            logits = logits.masked_fill(~mask.any(-1)[:, None, None], 0.0)
+        a_hat = torch.matmul(torch.softmax(logits, dim=-1), v)
+        out = a_hat + y  # Eq. (7)
+        if mask is not None:
+            out = out * mask[..., None].to(out.dtype)
+        return out
+
+
+def box_position_tuple(boxes: torch.Tensor, kind: str = "corners_area_aspect") -> torch.Tensor:
+    """The six-tuple s_i of CCCL Eq. (9)'s input, from normalised boxes [..., 4] = (x1, y1, x2, y2) in [0, 1].
+
+    The paper prints four entries (x1/W, y1/H, x2 over the *height* -- a typo for x2/W -- and the area ratio
+    w*h/(W*H)) of a "six-tuple". Our completion, kind='corners_area_aspect' (default):
+        (x1/W, y1/H, x2/W, y2/H, w*h/(W*H), w/(w+h))
+    i.e. the printed entries, y2/H (the missing partner of x2/W) and a bounded aspect ratio (0.5 = square; the
+    only entry a linear layer could not derive from the others besides the area).
+    kind='corners_size': (x1/W, y1/H, x2/W, y2/H, w/W, h/H), the other common 6-d box code.
+    Boxes served by the datamodule are already divided by the image width/height (W = H = 1).
+    """
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    w, h = (x2 - x1).clamp_min(0), (y2 - y1).clamp_min(0)
+    if kind == "corners_area_aspect":
+        aspect = torch.where(w + h > 0, w / (w + h).clamp_min(1e-8), torch.full_like(w, 0.5))
+        return torch.stack([x1, y1, x2, y2, w * h, aspect], -1)
+    if kind == "corners_size":
+        return torch.stack([x1, y1, x2, y2, w, h], -1)
+    raise ValueError(f"unknown position tuple {kind!r}: use one of {POSITION_TUPLES}")
+
+
+class BoxPositionEmbedding(nn.Module):
+    """s^_i = sigmoid(W_S s_i + b_S), CCCL Eq. (9): boxes [B, R, 4] -> [B, R, d] in (0, 1)."""
+
+    def __init__(self, dim: int, kind: str = "corners_area_aspect"):
+        super().__init__()
+        if kind not in POSITION_TUPLES:
+            raise ValueError(f"unknown position tuple {kind!r}: use one of {POSITION_TUPLES}")
+        self.fc = nn.Linear(6, dim)
+        self.kind = kind
+
+    def forward(self, boxes: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(box_position_tuple(boxes, self.kind).to(self.fc.weight.dtype)))
+
+
+class VisualContextEmbedding(nn.Module):
+    """V = CPC(Q^ o S^), CCCL Eqs. (8)-(10). features [B, R, F], boxes [B, R, 4] -> V [B, R, d].
+
+    use_position=False ("w/o POS", i.e. without box *position*): V = CPC(Q^); use_cpc=False ("w/o V-CPC"):
+    the cell is skipped and V = Q^ o S^.
+    """
+
+    def __init__(self, feature_dim: int, dim: int, use_position: bool = True, use_cpc: bool = True,
+                 position_tuple: str = "corners_area_aspect"):
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, dim)  # Eq. (8)
+        r = math.sqrt(6.0) / math.sqrt(feature_dim + dim)
+        nn.init.uniform_(self.fc.weight, -r, r)
+        nn.init.zeros_(self.fc.bias)
+        self.position = BoxPositionEmbedding(dim, position_tuple) if use_position else None  # Eq. (9)
+        self.cpc = ContextPerceivedCell(dim) if use_cpc else None  # Eq. (10)
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.fc(features)
+        if self.position is not None:
+            if boxes is None:
+                raise ValueError("the visual embedding uses box position features (CCCL Eq. 9) but no boxes were "
+                                 "given: serve them (data.with_boxes: true) or set model.use_box_position: false")
+            x = x * self.position(boxes)
+        return self.cpc(x) if self.cpc is not None else x
+
+
+class TextContextEmbedding(nn.Module):
+    """T = CPC(E W_E + b_E), CCCL Eqs. (11)-(12). words [C, L, d_E], mask [C, L] -> T [C, L, d] (0 on padding).
+
+    use_cpc=False ("w/o T-CPC"): T = E^ (masked).
+    """
+
+    def __init__(self, word_dim: int, dim: int, use_cpc: bool = True):
+        super().__init__()
+        self.fc = nn.Linear(word_dim, dim)  # Eq. (11)
+        self.cpc = ContextPerceivedCell(dim) if use_cpc else None  # Eq. (12)
+
+    def forward(self, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.fc(words) * mask[..., None].to(words.dtype)
+        return self.cpc(x, mask) if self.cpc is not None else x

@@ -1,0 +1,140 @@
+"""CCCL (Applied Soft Computing 2024): context-perceived embeddings, three branches, hybrid loss.
+
+A thin RetrievalModule over `CCCLNet` (model.py). Every Table 6 ablation is a switch:
+  w/o V-CPC use_visual_cpc=false | w/o T-CPC use_text_cpc=false | w/o CPC both false
+  w/o POS (box *position*, not part of speech) use_box_position=false | w/o BERT text_encoder=bigru
+  w/o B-1/B-2/B-3 use_global_branch / use_local_branch / use_relational_branch=false
+  w/o VSF use_vsf=false | w/o A-Pool use_avg_pool=false | w/o M-Pool use_max_pool=false
+  w/o S-NLP use_dependency_graph=false | w/o C-GRU use_context_gru=false
+  w/o SC-loss coherence_weight=0 | w/o MLP scorer=linear
+plus sim_dim (P, Figs. 4-5) and coherence_weight (lambda, Table 5).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...blocks.coherence import hybrid_loss
+from ...blocks.vsf import fuse_scores
+from ...module import Emb, RetrievalModule
+from .model import CCCLNet
+
+
+class CCCL(RetrievalModule):
+    """CCCL. Paper settings (Table 1, Sec. 4.2): d = 1024, P = 256, lambda = 0.5 (Flickr30K) / 0.75 (COCO),
+    margin 0.2, Adam 2e-4 for 15 epochs then 2e-5 (the printed "decayed by 10%" contradicts its own 0.00002),
+    30 epochs, batch 128, best epoch by validation rsum.
+
+    Args:
+        feature_dim / embed_dim (d) / sim_dim (P).
+        text_encoder: 'bert' (pretrained transformers model `bert_model`: a hub name or a local folder; the data
+            must serve its sub-words, data.subword_tokenizer = the same name) or 'bigru' ("w/o BERT", CASC's
+            BiGRU over 300-d word embeddings, needs vocab_size or a datamodule).
+        bert_finetune / bert_lr: the paper does not say whether BERT is fine-tuned; default: fine-tuned with its
+            own learning rate 2e-5 (the usual choice for this family). False freezes it.
+        subword_pooling: 'mean' (default) or 'first' sub-word of each word.
+        use_box_position / position_tuple: CCCL Eq. (9) and our completion of its six-tuple (blocks.cpc).
+        attention_smooth: inverse temperature of Eq. (17)'s softmax (unvalued in the paper, 9 as SCAN/CASC);
+            not the loss weight.
+        gcn_layers / edge_norm: Eq. (24)'s residual GCN layers and the affinity normalisation (blocks.graph).
+        coherence_weight: lambda of Eq. (34). coherence_reduction: 'mean' over the b^2 pairs (default) or 'sum' as
+            printed in Eq. (31); with 'sum' the coherence term flattens every score at the start, before the triplet
+            term can separate them, and nothing is learned (observed on SynthScenes, loss stuck at b(b-1) x margin).
+        eval_pair_budget: floats of per-pair intermediates per scoring chunk (bounds evaluation memory).
+    """
+
+    def __init__(self, vocab_size: int | None = None, feature_dim: int = 2048, embed_dim: int = 1024,
+                 sim_dim: int = 256, text_encoder: str = "bert", bert_model: str = "bert-base-uncased",
+                 bert_finetune: bool = True, bert_lr: float = 2e-5, subword_pooling: str = "mean",
+                 word_dim: int = 300, use_visual_cpc: bool = True, use_text_cpc: bool = True,
+                 use_box_position: bool = True, position_tuple: str = "corners_area_aspect",
+                 use_global_branch: bool = True, use_local_branch: bool = True, use_relational_branch: bool = True,
+                 use_vsf: bool = True, use_avg_pool: bool = True, use_max_pool: bool = True,
+                 use_dependency_graph: bool = True, use_context_gru: bool = True, gcn_layers: int = 1,
+                 edge_norm: str = "softmax", scorer: str = "mlp", attention_smooth: float = 9.0,
+                 coherence_weight: float = 0.5, coherence_reduction: str = "mean", eval_pair_budget: int = 2 ** 26,
+                 **loop_kwargs):
+        loop_kwargs.setdefault("lr", 2e-4)
+        loop_kwargs.setdefault("lr_decay_epochs", 15)
+        super().__init__(**loop_kwargs)
+        self.save_hyperparameters()
+        self.net = CCCLNet(
+            feature_dim=feature_dim, embed_dim=embed_dim, sim_dim=sim_dim, text_encoder=text_encoder,
+            bert_model=bert_model, bert_finetune=bert_finetune, subword_pooling=subword_pooling, vocab_size=vocab_size,
+            word_dim=word_dim, use_visual_cpc=use_visual_cpc, use_text_cpc=use_text_cpc,
+            use_box_position=use_box_position, position_tuple=position_tuple, use_global_branch=use_global_branch,
+            use_local_branch=use_local_branch, use_relational_branch=use_relational_branch, use_vsf=use_vsf,
+            use_avg_pool=use_avg_pool, use_max_pool=use_max_pool, use_dependency_graph=use_dependency_graph,
+            use_context_gru=use_context_gru, gcn_layers=gcn_layers, edge_norm=edge_norm, scorer=scorer,
+            attention_smooth=attention_smooth, pair_budget=eval_pair_budget)
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        hp = self.hparams
+        req = []
+        if hp.use_box_position:
+            req.append("boxes")
+        if hp.text_encoder == "bert":
+            req.append("subwords")
+        if "relational" in self.net.branches and hp.use_dependency_graph:
+            req.append("graphs")
+        return tuple(req)
+
+    def check_data(self, datamodule) -> None:
+        if self.hparams.use_box_position and not getattr(datamodule, "with_boxes", False):
+            raise ValueError("CCCL uses region box positions (Eq. 9) but the datamodule does not serve boxes: set "
+                             "data.with_boxes: true ({split}_boxes.npy beside the features; from a bottom-up TSV "
+                             "write both with `zoo-convert-tsv`), or run without position features: "
+                             "model.use_box_position: false")
+        super().check_data(datamodule)
+
+    def configure_from_data(self, datamodule) -> None:
+        hp = self.hparams
+        feat = getattr(datamodule, "feature_dim", hp.feature_dim)
+        if feat != hp.feature_dim:
+            raise ValueError(f"the data serves {feat}-d region features but model.feature_dim is "
+                             f"{hp.feature_dim}: set both to the same value")
+        if hp.text_encoder == "bigru":
+            size = datamodule.vocab_size
+            if self.net.bigru is None:
+                self.net.build_bigru(size)
+                self.hparams["vocab_size"] = size  # so checkpoints rebuild the same model
+            elif self.net.bigru.embed.num_embeddings != size:
+                raise ValueError(f"model vocabulary has {self.net.bigru.embed.num_embeddings} words but the data's "
+                                 f"has {size}: use the vocabulary the model was trained with (data.vocab_path)")
+        else:
+            tok = getattr(datamodule, "subword_tokenizer_obj", None)
+            n_model = int(self.net.bert.backbone.config.vocab_size)
+            if tok is not None and len(tok) > n_model:
+                raise ValueError(f"data.subword_tokenizer ({datamodule.subword_tokenizer}) has {len(tok)} sub-words but "
+                                 f"model.bert_model ({hp.bert_model}) knows {n_model}: give both the same model")
+
+    # ---- RetrievalModule --------------------------------------------------------------------------
+    def encode_images(self, batch: dict) -> Emb:
+        return self.net.encode_images(batch["images"], batch.get("boxes"))
+
+    def encode_captions(self, batch: dict) -> Emb:
+        return self.net.encode_captions(batch)
+
+    def score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        return self.net.score(img, cap)
+
+    def training_losses(self, batch: dict, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
+        """L = L_t(F) + lambda L_c(S^S, S^O, S^R), Eqs. (29)-(34), on the batch's b x b pairs."""
+        hp = self.hparams
+        scores = self.net.branch_scores(img, cap)
+        return hybrid_loss(fuse_scores(scores), scores, self.margin, hp.coherence_weight, self.use_hardest_negative,
+                           batch["image_ids"], hp.coherence_reduction)
+
+    def configure_optimizers(self):
+        """Adam at `lr` (2e-4), a fine-tuned BERT at `bert_lr`, both divided by 10 every lr_decay_epochs (15)."""
+        bert = self.net.bert.backbone if self.net.bert is not None else None
+        bert_ids = {id(p) for p in bert.parameters()} if bert is not None else set()
+        rest = [p for p in self.parameters() if id(p) not in bert_ids and p.requires_grad]
+        groups = [{"params": rest, "lr": self.lr}]
+        if bert is not None and self.hparams.bert_finetune:
+            groups.append({"params": list(bert.parameters()), "lr": self.hparams.bert_lr})
+        opt = torch.optim.Adam(groups, lr=self.lr)
+        if not self.lr_decay_epochs:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.lr_decay_epochs, gamma=self.lr_decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
