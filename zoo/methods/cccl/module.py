@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from datamodules.errors import DataError
+
 from ...blocks.coherence import hybrid_loss
 from ...blocks.vsf import fuse_scores
 from ...module import Emb, RetrievalModule
@@ -79,34 +81,35 @@ class CCCL(RetrievalModule):
             req.append("graphs")
         return tuple(req)
 
+    @property
+    def uses_vocabulary(self) -> bool:  # the BERT encoder reads sub-words, not the zoo's word ids
+        return self.hparams.text_encoder == "bigru"
+
     def check_data(self, datamodule) -> None:
         if self.hparams.use_box_position and not getattr(datamodule, "with_boxes", False):
-            raise ValueError("CCCL uses region box positions (Eq. 9) but the datamodule does not serve boxes: set "
-                             "data.with_boxes: true ({split}_boxes.npy beside the features; from a bottom-up TSV "
-                             "write both with `zoo-convert-tsv`), or run without position features: "
-                             "model.use_box_position: false")
+            raise DataError(None, "CCCL uses region box positions (Eq. 9) but the datamodule does not serve boxes",
+                            "set data.with_boxes: true ({split}_boxes.npy beside the features; from a bottom-up TSV "
+                            "write both with `zoo-convert-tsv`), or run without position features: "
+                            "model.use_box_position: false")
         super().check_data(datamodule)
 
     def configure_from_data(self, datamodule) -> None:
         hp = self.hparams
-        feat = getattr(datamodule, "feature_dim", hp.feature_dim)
-        if feat != hp.feature_dim:
-            raise ValueError(f"the data serves {feat}-d region features but model.feature_dim is "
-                             f"{hp.feature_dim}: set both to the same value")
         if hp.text_encoder == "bigru":
             size = datamodule.vocab_size
             if self.net.bigru is None:
                 self.net.build_bigru(size)
                 self.hparams["vocab_size"] = size  # so checkpoints rebuild the same model
             elif self.net.bigru.embed.num_embeddings != size:
-                raise ValueError(f"model vocabulary has {self.net.bigru.embed.num_embeddings} words but the data's "
-                                 f"has {size}: use the vocabulary the model was trained with (data.vocab_path)")
+                raise DataError(datamodule.vocab_path, f"the model's vocabulary has {self.net.bigru.embed.num_embeddings} "
+                                f"words but this one has {size}", "use the vocabulary the model was trained with "
+                                "(data.vocab_path; `python -m zoo.vocab CKPT OUT.json` writes it from the checkpoint)")
         else:
             tok = getattr(datamodule, "subword_tokenizer_obj", None)
             n_model = int(self.net.bert.backbone.config.vocab_size)
             if tok is not None and len(tok) > n_model:
-                raise ValueError(f"data.subword_tokenizer ({datamodule.subword_tokenizer}) has {len(tok)} sub-words but "
-                                 f"model.bert_model ({hp.bert_model}) knows {n_model}: give both the same model")
+                raise DataError(None, f"data.subword_tokenizer ({datamodule.subword_tokenizer}) has {len(tok)} sub-words but "
+                                f"model.bert_model ({hp.bert_model}) knows {n_model}", "give both the same model")
 
     # ---- RetrievalModule --------------------------------------------------------------------------
     def encode_images(self, batch: dict) -> Emb:
