@@ -1,4 +1,5 @@
 """Methods: thin compositions of zoo.blocks on top of zoo.module.RetrievalModule."""
+from .casc import CASC
 from .casc_base import CASCBase
 
-__all__ = ["CASCBase"]
+__all__ = ["CASC", "CASCBase"]
