@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, i2t_similarity, region_word_scores, t2i_similarity, triplet_ranking_loss
-from ..blocks.functional import masked_mean
+from ..blocks.functional import masked_mean, wide
 from ..blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, global_label_similarity_pairs,
                                local_similarity, max_local_similarity, mean_pooled_cosine, paired_global_weights,
                                prediction_cosine, weighted_label_bce)
@@ -301,7 +301,7 @@ class CASC(CASCBase):
             pair_cap = {"words": cap["words"][c], "lengths": cap["lengths"][c]}
             logits_img, _ = self.pair_label_logits(pair_img, pair_cap) if hp.label_vectors == "attention" else (
                 self.label_head(img["regions"].mean(1)), None)
-            probs.append(torch.sigmoid(logits_img.float()))
+            probs.append(torch.sigmoid(wide(logits_img)))
         p = torch.stack(probs).mean(0)
         scores, ids = p.topk(min(k, p.shape[1]), dim=1)
         return scores, ids
