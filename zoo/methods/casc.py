@@ -154,10 +154,10 @@ class CASC(CASCBase):
         return out
 
     # ---- scores ---------------------------------------------------------------------------------------------------
-    def score_parts(self, img: Emb, cap: Emb) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(S_loc, S_G) of every pair of a block, [I, C] each (None where the branch is off)."""
+    def score_parts(self, img: Emb, cap: Emb, with_global: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(S_loc, S_G) of every pair of a block, [I, C] each (None where the branch is off or not asked for)."""
         hp = self.hparams
-        needs_sc = hp.local != "none" or self._pair_labels
+        needs_sc = hp.local != "none" or (self._pair_labels and with_global)
         sc = region_word_scores(img["regions"], cap["words"], cap["lengths"]) if needs_sc else None
         s_loc = None
         if hp.local == "attention":
@@ -170,7 +170,9 @@ class CASC(CASCBase):
         elif hp.local == "max":
             s_loc = max_local_similarity(sc)
         s_g = None
-        if hp.global_branch == "cosine":
+        if not with_global:
+            pass
+        elif hp.global_branch == "cosine":
             s_g = mean_pooled_cosine(img["regions"], cap["words"], cap["lengths"])
         elif self._pair_labels:
             s_g = global_label_similarity_pairs(self.label_head, sc, img["regions_proj"], cap["words_proj"],
@@ -204,7 +206,8 @@ class CASC(CASCBase):
     def training_losses(self, batch: dict, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
         hp = self.hparams
         hard, ids = self.use_hardest_negative, batch["image_ids"]
-        s_loc, s_g = self.score_parts(img, cap)
+        # S_G of the label branch is a test-time score: training needs only the matched pairs' predictions
+        s_loc, s_g = self.score_parts(img, cap, with_global=hp.global_branch == "cosine")
         losses = {}
         if s_loc is not None:
             losses["triplet"] = triplet_ranking_loss(s_loc, self.margin, hard, ids)  # Eq. (9), summed over the batch
