@@ -419,3 +419,22 @@ def test_every_row_trains_a_step_and_evaluates(row, synth_root, tmp_path, monkey
     trainer.test(cli.model, cli.datamodule, verbose=False)
     m = cli.model.last_metrics
     assert math.isfinite(m["all"]["rsum"]) and "beta0.5" in m
+
+
+def test_paper_results_table_names_our_rows():
+    import csv
+
+    with open(ROOT / "zoo" / "paper_results" / "casc.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["table", "row", "dataset", "protocol", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
+                       "t2i_r10", "rsum", "note"]
+    stems = {(p.parent.name, p.stem.split("_", 1)[1]) for p in ROWS}
+    for table, row, ds, protocol, *nums, note in rows[1:]:
+        assert ds in ("f30k", "coco") and protocol in ({"test"} if ds == "f30k" else {"1k", "5k"})
+        if table in {p.parent.name for p in ROWS}:
+            assert (table, row) in stems or table == "table7_methods", (table, row)
+        vals = [float(x) for x in nums[:6] if x]
+        if nums[6]:
+            assert float(nums[6]) == pytest.approx(sum(vals), abs=0.05)
+    casc = [r for r in rows if r[:3] == ["table1_components", "local_attention_global_label", "f30k"]][0]
+    assert casc[7] == "60.2" and "kept as printed" in casc[-1]
