@@ -438,3 +438,14 @@ def test_paper_results_table_names_our_rows():
             assert float(nums[6]) == pytest.approx(sum(vals), abs=0.05)
     casc = [r for r in rows if r[:3] == ["table1_components", "local_attention_global_label", "f30k"]][0]
     assert casc[7] == "60.2" and "kept as printed" in casc[-1]
+
+
+def test_image_label_words_reads_the_label_dictionary(tmp_path):
+    dm = _leak_case(tmp_path)
+    dm.setup("test")
+    torch.manual_seed(0)
+    model = CASC(feature_dim=8, embed_dim=8, word_dim=4, fold_size=None)
+    model.configure_from_data(dm)
+    out = model.image_label_words(dm, [0, 4], k=3)
+    assert len(out) == 2 and all(len(r) == 3 for r in out)
+    assert all(w in NOUNS and 0 < s < 1 for r in out for w, s in r)

@@ -309,5 +309,27 @@ class CASC(CASCBase):
         scores, ids = p.topk(min(k, p.shape[1]), dim=1)
         return scores, ids
 
+    @torch.no_grad()
+    def image_label_words(self, datamodule, images: list[int], top_captions: int = 3,
+                          k: int = 10) -> list[list[tuple[str, float]]]:
+        """Fig. 4: the top-k (word, score) labels of test-split images `images`, retrieved against every test caption.
+
+            model = CASC.load_from_checkpoint("runs/casc_synth/checkpoints/best.ckpt")
+            dm = SynthScenesDataModule(..., with_labels=True); dm.prepare_data(); dm.setup("test")
+            model.image_label_words(dm, [0, 1, 2])
+        """
+        from ..evaluation import cat_embeddings, score_blockwise
+
+        self.eval()
+        chunks = [(self.encode_images(b), self.encode_captions(b))
+                  for b in (self.transfer_batch_to_device(b, self.device, 0) for b in datamodule.test_dataloader())]
+        img, cap = cat_embeddings([c[0] for c in chunks]), cat_embeddings([c[1] for c in chunks])
+        img = {key: v[images] for key, v in img.items()}  # loader order = image order (no shuffling)
+
+        sims = score_blockwise(self.score, img, cap, self.eval_image_block, self.eval_caption_block)
+        scores, ids = self.predict_image_labels(img, cap, top_captions, k, sims=sims)
+        words = datamodule.labels.words
+        return [[(words[j], float(s)) for j, s in zip(row_i, row_s)] for row_i, row_s in zip(ids.tolist(), scores)]
+
 
 __all__ = ["CASC"]
