@@ -264,9 +264,11 @@ class CASC(CASCBase):
             n_images = seen.numel()
         else:
             img_pos = cap_pos = (lambda i: i)
-        rows_ids = torch.unique(torch.cat([b[0] for b in blocks]))
-        row_of = torch.full((int(rows_ids.max()) + 1,), -1, dtype=torch.long, device=rows_ids.device)
-        row_of[rows_ids] = torch.arange(rows_ids.numel(), device=rows_ids.device)
+        device = image_ids.device
+        rows_ids = torch.unique(torch.cat([b[0] for b in blocks])) if blocks else \
+            torch.empty(0, dtype=torch.long, device=device)  # a rank without image rows (more ranks than images)
+        row_of = torch.full((int(rows_ids.max()) + 1 if blocks else 0,), -1, dtype=torch.long, device=device)
+        row_of[rows_ids] = torch.arange(rows_ids.numel(), device=device)
         grids = [None, None]
         for i_ids, c_ids, *parts in blocks:
             for g, part in enumerate(parts):
@@ -276,9 +278,9 @@ class CASC(CASCBase):
                     grids[g] = torch.empty(rows_ids.numel(), n_images * k, dtype=torch.float32, device=part.device)
                 grids[g][row_of[i_ids][:, None], cap_pos(c_ids)[None, :]] = part.float()
         for beta in betas:
-            sims = fuse(grids[0], grids[1], float(beta))
+            sims = fuse(grids[0], grids[1], float(beta)) if blocks else torch.empty(0, n_images * k, device=device)
             metric = RetrievalMetrics(k, self.fold_size).to(sims.device)
-            metric.update(sims, img_pos(rows_ids))
+            metric.update(sims, img_pos(rows_ids))  # every rank updates (possibly empty): compute() gathers
             for split, m in metric.compute().items():
                 results[f"beta{float(beta):g}" + ("" if split == "all" else f"_{split}")] = m
         return results
