@@ -371,6 +371,14 @@ def test_beta_sweep_from_one_pass_equals_separate_evaluations(tmp_path):
     assert swept["beta0"] != swept["beta1"]  # the sweep is not one number repeated
 
 
+def test_evaluation_arguments_stay_out_of_checkpoint_hparams():
+    # `lightning test --ckpt_path` re-applies the checkpoint's hparams over the command line: --model.beta 0.5
+    # must not be silently replaced by the training value
+    model = _model(beta=0.3, beta_sweep=[0.0, 1.0], sg_reading="caption_labels")
+    assert not {"beta", "beta_sweep", "sg_reading"} & set(model.hparams)
+    assert (model.beta, model.beta_sweep, model.sg_reading) == (0.3, [0.0, 1.0], "caption_labels")
+
+
 def test_predicted_labels_average_the_top3_captions(f64):
     model = _model()
     img, cap = _random_emb(model, n_img=2, n_cap=4)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         a_txt = torch.einsum("icl,cld->icd", w_l, cap["words"])
         s_g = prediction_cosine(casc.label_head(a_img), casc.label_head(a_txt))
         s_loc = casc.score_parts(img, cap, with_global=False)[0]
-        return hp.beta * s_loc + (1 - hp.beta) * s_g
+        return casc.beta * s_loc + (1 - casc.beta) * s_g
 
     def run_naive():
         return score_blockwise(naive_score, {"regions": regions, **ids[0]}, {"words": words, "lengths": lengths, **ids[1]},

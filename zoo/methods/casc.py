@@ -34,6 +34,7 @@ from .casc_base import CASCBase
 LOCALS = ("attention", "max", "none")
 GLOBALS = ("label", "cosine", "none")
 SG_READINGS = ("pair", "caption_labels")
+EVAL_ARGS = ("beta", "beta_sweep", "sg_reading")  # choose at test time: --model.beta 0.5 on a trained checkpoint
 
 
 def _per_item(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,10 @@ class CASC(CASCBase):
             raise ValueError("CASC needs a local or a global branch (local and global_branch are both 'none')")
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must lie in [0, 1], got {beta}")
-        self.save_hyperparameters()
+        # evaluation-only settings stay out of the checkpoint's hyper-parameters: `lightning test --ckpt_path`
+        # re-applies those over the command line, which would freeze beta at its training value
+        self.save_hyperparameters(ignore=list(EVAL_ARGS))
+        self.beta, self.beta_sweep, self.sg_reading = beta, beta_sweep, sg_reading
         self.image_encoder = RegionEncoder(feature_dim, embed_dim)
         self.text_encoder: BiGRUTextEncoder | None = None
         self.label_head: LabelHead | None = None
@@ -127,7 +131,7 @@ class CASC(CASCBase):
     # ---- encoders -----------------------------------------------------------------------------------------------
     @property
     def _pair_labels(self) -> bool:
-        return self.uses_labels and self.hparams.label_vectors == "attention" and self.hparams.sg_reading == "pair"
+        return self.uses_labels and self.hparams.label_vectors == "attention" and self.sg_reading == "pair"
 
     def encode_images(self, batch: dict) -> Emb:
         # never reads batch["labels"]: on evaluation splits that is the union over the image's test captions
@@ -146,7 +150,7 @@ class CASC(CASCBase):
         if self._pair_labels:
             out["words_proj"] = self.label_head.project(out["words"])
         elif self.uses_labels:
-            if hp.sg_reading == "caption_labels":
+            if self.sg_reading == "caption_labels":
                 out["label_vec"] = _per_item(batch["caption_labels"].to(out["words"].dtype))
             else:
                 mask = torch.arange(out["words"].shape[1], device=out["words"].device)[None] < out["lengths"][:, None]
@@ -177,7 +181,7 @@ class CASC(CASCBase):
         elif self._pair_labels:
             s_g = global_label_similarity_pairs(self.label_head, sc, img["regions_proj"], cap["words_proj"],
                                                 smooth_i2t=hp.lambda_i2t, smooth_t2i=hp.lambda_t2i, norm=hp.score_norm)
-        elif self.uses_labels and hp.sg_reading == "caption_labels":
+        elif self.uses_labels and self.sg_reading == "caption_labels":
             s_g = global_label_similarity_labels(img["label_logits"], cap["label_vec"][:, 0, 0])
         elif self.uses_labels:  # label_vectors 'mean', released cosine between the two predictions
             s_g = prediction_cosine(img["label_logits"][:, None, :], cap["label_logits"][None, :, 0, 0])
@@ -187,7 +191,7 @@ class CASC(CASCBase):
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
         s_loc, s_g = self.score_parts(img, cap)
-        return fuse(s_loc, s_g, self.hparams.beta)
+        return fuse(s_loc, s_g, self.beta)
 
     # ---- training --------------------------------------------------------------------------------------------------
     def pair_label_logits(self, img: Emb, cap: Emb) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +250,7 @@ class CASC(CASCBase):
                             n_images: int, progress: bool = False) -> dict[str, dict[str, float]]:
         """The shared evaluation; with beta_sweep, also the metrics at every beta, from the S_loc and S_G blocks
         recorded while the shared loop scored the grid (no second scoring pass)."""
-        betas = self.hparams.beta_sweep
+        betas = self.beta_sweep
         if not betas:
             return super().evaluate_embeddings(img, cap, image_ids, caption_ids, n_images, progress)
         seen = torch.unique(gather_padded(image_ids))
