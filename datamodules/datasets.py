@@ -5,7 +5,9 @@ captions, so evaluation encodes every image once. Both produce the same batch ke
   images [B, R, F] float, boxes [B, R, 4] (with_boxes), tokens [C, L] long (0 = pad), lengths [C],
   image_ids [B], caption_ids [C], pos [C, L] UPOS ids (with_pos), adjacency [C, L, L] dependency arcs,
   symmetric, no self loops (with_graphs); word positions include <start>/<end>, which have no arcs;
-  labels [B, K] multi-hot semantic labels of each image (with_labels);
+  labels [B, K] multi-hot semantic labels of each image, the union over its captions (with_labels; a training
+  target: on evaluation splits it is the ground truth and no score may read it);
+  caption_labels [C, K] multi-hot labels of each caption from its own words (with_labels);
   subword_ids / subword_mask / subword_to_word [C, T]: a transformers tokenizer's sub-words and the word
   position each belongs to (subword_tokenizer), for BERT-based text encoders.
 In training B == C and row n of images belongs to caption n.
@@ -69,9 +71,9 @@ class SubwordCaptions:
 class _Base(Dataset):
     def __init__(self, data: SplitData, vocab: Vocabulary, with_boxes: bool = False, parses: ParseTable | None = None,
                  with_pos: bool = False, with_graphs: bool = False, image_labels: list | None = None,
-                 num_labels: int = 0, subword_tokenizer=None):
+                 num_labels: int = 0, subword_tokenizer=None, caption_labels: list | None = None):
         self.data, self.with_boxes, self.parses = data, with_boxes, parses
-        self.image_labels, self.num_labels = image_labels, num_labels
+        self.image_labels, self.num_labels, self.caption_labels = image_labels, num_labels, caption_labels
         self.with_pos, self.with_graphs = with_pos, with_graphs
         self.tokens = EncodedCaptions(data.captions, vocab)
         self.subwords = SubwordCaptions(data.captions, subword_tokenizer) if subword_tokenizer is not None else None
@@ -80,6 +82,10 @@ class _Base(Dataset):
         item = {"tokens": self.tokens[k], "caption_id": k}
         if self.subwords is not None:
             item["subword_ids"], item["subword_to_word"] = self.subwords[k]
+        if self.caption_labels is not None:
+            multi_hot = np.zeros(self.num_labels, dtype=np.float32)
+            multi_hot[self.caption_labels[k]] = 1.0
+            item["caption_labels"] = multi_hot
         if self.parses is not None:
             upos, heads = self.parses.get(k)
             n_words = len(self.tokens[k]) - 2
@@ -138,6 +144,8 @@ def collate(items: list[dict], with_pos: bool = False, with_graphs: bool = False
     for key in ("boxes", "labels"):
         if key in items[0]:
             batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))
+    if "caption_labels" in caps[0]:
+        batch["caption_labels"] = torch.from_numpy(np.stack([c["caption_labels"] for c in caps]))
     if "subword_ids" in caps[0]:
         T = max(len(c["subword_ids"]) for c in caps)
         sub = torch.zeros(len(caps), T, dtype=torch.long)

@@ -1,11 +1,26 @@
 """Semantic label sets (CASC Sec. III-C1): the top-K most frequent words of chosen parts of speech in the
 training captions form the label dictionary; an image's labels are the union over its captions.
 
-Part-of-speech groups follow the paper's label types: 'nn' (nouns, the paper's "500 nn"), 'vb' (verbs),
-'jj' (adjectives), 'cd' (numbers); combine with '+', e.g. 'nn+vb+jj+cd'.
+Part-of-speech groups follow the paper's label types: 'nn' (nouns, NN* = UPOS NOUN/PROPN, the paper's
+"500 nn"), 'vb' (verbs), 'jj' (adjectives), 'cd' (numbers); combine with '+', e.g. 'nn+vb+jj+cd'.
+
+As in the authors' released code: surface tokens (lower-cased, no lemmatisation), English stopwords removed
+(`stopwords=False` keeps them). Lemmatisation (`lemmatize=True`) would need the parser's lemmas, which the
+parse files do not store: asking for it raises a clear DataError instead of silently using surface forms.
+
+Two label readings exist and must not be mixed up:
+- training targets: an image's label set = union over its (training) captions (`image_labels`);
+- test time: a caption's label vector comes from that caption's own words only (`caption_labels`); the
+  union over a test image's captions would leak the ground-truth pairing into retrieval and is never
+  offered to a model's scorer.
+
+The artifact (labels.<pos>.<K>.<parser>.json) records what it was built from (captions digest, parse digest,
+parser, settings) and is rebuilt when any of them changes. It also caches the positive weights of Eq. (11):
+p_c = #negatives / #positives of label c over the training images.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -15,10 +30,22 @@ import numpy as np
 
 from .errors import DataError
 from .parsing import UPOS_ID
-from .prepare import ParseTable
+from .prepare import ParseTable, captions_digest
 from .text import tokenize
 
 POS_GROUPS = {"nn": ("NOUN", "PROPN"), "vb": ("VERB",), "jj": ("ADJ",), "cd": ("NUM",)}
+FORMAT_VERSION = 2
+
+# English stopwords (the NLTK list, which the released code filters with), plus the zoo tokenizer's pieces
+STOPWORDS = frozenset("""
+i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers herself
+it its itself they them their theirs themselves what which who whom this that these those am is are was were be
+been being have has had having do does did doing a an the and but if or because as until while of at by for with
+about against between into through during before after above below to from up down in out on off over under again
+further then once here there when where why how all any both each few more most other some such no nor not only own
+same so than too very s t can will just don should now d ll m o re ve y ain aren couldn didn doesn hadn hasn haven
+isn ma mightn mustn needn shan shouldn wasn weren won wouldn 's 't
+""".split())
 
 
 def pos_ids(groups: str) -> set[int]:
@@ -30,46 +57,119 @@ def pos_ids(groups: str) -> set[int]:
     return ids
 
 
-def _tagged_words(captions: list[str], parses: ParseTable, keep: set[int], start: int = 0):
+def parses_digest(parses: ParseTable) -> str:
+    """Fingerprint of a split's parses (a new parser version changes tags without changing the captions)."""
+    h = hashlib.sha1()
+    for a in (parses.offsets, parses.upos):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def check_lemmatize(lemmatize: bool) -> None:
+    if lemmatize:
+        raise DataError(None, "label lemmatisation is not available: the parse files store UPOS tags and heads, "
+                        "not lemmas", "use data.label_lemmatize: false (the released code uses surface tokens)")
+
+
+def _tagged_words(captions: list[str], parses: ParseTable, keep: set[int], start: int = 0, stopwords: bool = True):
     for k, cap in enumerate(captions):
         upos, _ = parses.get(start + k)
         for w, u in zip(tokenize(cap), upos):
-            if int(u) in keep:
+            if int(u) in keep and not (stopwords and w in STOPWORDS):
                 yield k, w
 
 
 class LabelVocabulary:
-    def __init__(self, words: list[str], groups: str):
-        self.words, self.groups = list(words), groups
+    """The label dictionary plus what it was built from (`meta`) and the cached positive weights."""
+
+    def __init__(self, words: list[str], groups: str, stopwords: bool = True, meta: dict | None = None,
+                 pos_weights: list[float] | None = None):
+        self.words, self.groups, self.stopwords = list(words), groups, stopwords
         self.index = {w: i for i, w in enumerate(self.words)}
+        self.meta = dict(meta or {})
+        self.pos_weights = None if pos_weights is None else np.asarray(pos_weights, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.words)
 
     @classmethod
-    def build(cls, captions: list[str], parses: ParseTable, groups: str = "nn", top_k: int = 500) -> "LabelVocabulary":
-        counts = Counter(w for _, w in _tagged_words(captions, parses, pos_ids(groups)))
+    def build(cls, captions: list[str], parses: ParseTable, groups: str = "nn", top_k: int = 500,
+              stopwords: bool = True, lemmatize: bool = False) -> "LabelVocabulary":
+        check_lemmatize(lemmatize)
+        counts = Counter(w for _, w in _tagged_words(captions, parses, pos_ids(groups), stopwords=stopwords))
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
-        return cls([w for w, _ in ranked], groups)
+        return cls([w for w, _ in ranked], groups, stopwords)
+
+    def _sets(self, captions: list[str], parses: ParseTable, n_sets: int, per: int) -> list[np.ndarray]:
+        sets: list[set[int]] = [set() for _ in range(n_sets)]
+        for k, w in _tagged_words(captions, parses, pos_ids(self.groups), stopwords=self.stopwords):
+            if w in self.index:
+                sets[k // per].add(self.index[w])
+        return [np.array(sorted(s), dtype=np.int64) for s in sets]
 
     def image_labels(self, captions: list[str], parses: ParseTable, caps_per_image: int) -> list[np.ndarray]:
-        """Label ids of each image (union over its captions), for the first len(captions) captions."""
-        keep = pos_ids(self.groups)
-        sets: list[set[int]] = [set() for _ in range(len(captions) // caps_per_image)]
-        for k, w in _tagged_words(captions, parses, keep):
-            if w in self.index:
-                sets[k // caps_per_image].add(self.index[w])
-        return [np.array(sorted(s), dtype=np.int64) for s in sets]
+        """Label ids of each image (union over its captions), for the first len(captions) captions.
+
+        Training targets only: on a test split this union is the ground truth of the pairing.
+        """
+        return self._sets(captions, parses, len(captions) // caps_per_image, caps_per_image)
+
+    def caption_labels(self, captions: list[str], parses: ParseTable) -> list[np.ndarray]:
+        """Label ids of each caption from its own words only (CASC Eq. (13), printed S_G: Y_T of a text T)."""
+        return self._sets(captions, parses, len(captions), 1)
+
+    def positive_weights(self, image_labels: list[np.ndarray]) -> np.ndarray:
+        """CASC Eq. (11): p_c = #negatives / #positives of label c over the given (training) images.
+
+        A label no image carries (possible only with a different split) gets p_c = #images (one positive assumed).
+        """
+        n = len(image_labels)
+        pos = np.zeros(len(self), dtype=np.float64)
+        for ids in image_labels:
+            pos[ids] += 1
+        pos = np.maximum(pos, 1.0)
+        return ((n - pos) / pos).astype(np.float32)
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"groups": self.groups, "words": self.words}))
+        data = {"format": FORMAT_VERSION, "groups": self.groups, "stopwords": self.stopwords, "words": self.words,
+                "meta": self.meta,
+                "pos_weights": None if self.pos_weights is None else [float(x) for x in self.pos_weights]}
+        tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> "LabelVocabulary":
         try:
             data = json.loads(path.read_text())
-            return cls(data["words"], data["groups"])
+            return cls(data["words"], data["groups"], data.get("stopwords", True), data.get("meta"),
+                       data.get("pos_weights"))
         except (OSError, ValueError, KeyError) as e:
             raise DataError(path, f"cannot read the label dictionary ({e})", "delete it so it is rebuilt") from None
+
+
+def label_source(captions: list[str], parses: ParseTable, *, groups: str, top_k: int, stopwords: bool,
+                 lemmatize: bool, parser: str, caps_per_image: int) -> dict:
+    """What a label artifact depends on; a stored artifact whose `meta` differs is rebuilt."""
+    return {"format": FORMAT_VERSION, "captions_digest": captions_digest(captions), "n_captions": len(captions),
+            "parses_digest": parses_digest(parses), "parser": parser, "groups": groups, "top_k": top_k,
+            "stopwords": stopwords, "lemmatize": lemmatize, "caps_per_image": caps_per_image}
+
+
+def load_or_build(path: Path, captions: list[str], parses: ParseTable, **settings) -> LabelVocabulary:
+    """The label dictionary of these training captions: the cached file when it matches its source, else rebuilt
+    (with the positive weights over the training images) and saved."""
+    source = label_source(captions, parses, **settings)
+    if path.exists():
+        try:
+            cached = LabelVocabulary.load(path)
+            if cached.meta == source and cached.pos_weights is not None:
+                return cached
+        except DataError:
+            pass  # unreadable: rebuild
+    voc = LabelVocabulary.build(captions, parses, settings["groups"], settings["top_k"], settings["stopwords"],
+                                settings["lemmatize"])
+    voc.meta = source
+    voc.pos_weights = voc.positive_weights(voc.image_labels(captions, parses, settings["caps_per_image"]))
+    voc.save(path)
+    return voc

@@ -15,7 +15,7 @@ from .errors import DataError
 from .layout import SplitData, check_root, load_split, scan_features_cached, split_paths
 from .prepare import (ParseTable, cache_lock, captions_digest, ensure_parsed, load_or_build_vocab, parse_is_current,
                       parse_path, read_parse_meta, vocab_filename, vocab_is_current)
-from .labels import LabelVocabulary
+from .labels import LabelVocabulary, check_lemmatize, load_or_build
 from .layout import read_captions
 from .text import Vocabulary
 
@@ -52,7 +52,11 @@ class PrecompDataModule(L.LightningDataModule):
         num_regions / feature_dim: expected feature shape [N, num_regions, feature_dim].
         with_boxes / with_pos / with_graphs: also serve region boxes / UPOS tags / dependency adjacency.
         with_labels: also serve each image's semantic label set as a multi-hot `labels` [B, num_labels]
-            (CASC Sec. III-C1: top-num_labels words of the label_pos groups in the training captions).
+            (CASC Sec. III-C1: top-num_labels words of the label_pos groups in the training captions), and each
+            caption's own label vector `caption_labels` [C, num_labels] (the only label input a test-time score
+            may read); positive weights p_c of Eq. (11) are `label_pos_weights`.
+        label_stopwords: drop English stopwords from the labels (released CASC code); label_lemmatize: count
+            lemmas instead of surface tokens (not available: the parse files store no lemmas; raises).
         parser: 'spacy' or 'stanza' backend for POS tags and graphs.
         subword_tokenizer: a transformers tokenizer name or folder (e.g. bert-base-uncased): also serve its
             sub-word ids, aligned with the zoo's word positions (for BERT text encoders).
@@ -73,6 +77,7 @@ class PrecompDataModule(L.LightningDataModule):
                  val_max_images: int | None = 1000, test_max_images: int | None = None, caps_per_image: int = 5,
                  num_regions: int = 36, feature_dim: int = 2048, with_boxes: bool = False, with_pos: bool = False,
                  with_graphs: bool = False, with_labels: bool = False, label_pos: str = "nn", num_labels: int = 500,
+                 label_stopwords: bool = True, label_lemmatize: bool = False,
                  parser: str = "spacy", subword_tokenizer: str | None = None, vocab_path: str | None = None,
                  vocab_min_count: int = 4, max_unk_rate: float = 0.3, check_features: bool = True,
                  cache_dir: str | None = None, auto_prepare: bool = True, batch_size: int = 128,
@@ -84,6 +89,9 @@ class PrecompDataModule(L.LightningDataModule):
         self.caps_per_image, self.num_regions, self.feature_dim = caps_per_image, num_regions, feature_dim
         self.with_boxes, self.with_pos, self.with_graphs = with_boxes, with_pos, with_graphs
         self.with_labels, self.label_pos, self.num_labels = with_labels, label_pos, num_labels
+        self.label_stopwords, self.label_lemmatize = label_stopwords, label_lemmatize
+        if with_labels:
+            check_lemmatize(label_lemmatize)
         self._labels: LabelVocabulary | None = None
         self.parser = parser
         self.subword_tokenizer = subword_tokenizer
@@ -189,16 +197,23 @@ class PrecompDataModule(L.LightningDataModule):
 
     @property
     def labels(self) -> LabelVocabulary:
-        """The label dictionary, built from the training split's parses on first use."""
+        """The label dictionary, built from the training split's parses on first use; the cached file is
+        rebuilt when its source (captions, parses, settings) changed."""
         if self._labels is None:
-            if self.label_path.exists():
-                self._labels = LabelVocabulary.load(self.label_path)
-            else:
-                train = self.split_data("fit")
-                parses = ParseTable(parse_path(self.cache_dir, train.split, self.parser), train.all_captions)
-                self._labels = LabelVocabulary.build(train.captions, parses, self.label_pos, self.num_labels)
-                self._labels.save(self.label_path)
+            train = self.split_data("fit")
+            parses = ParseTable(parse_path(self.cache_dir, train.split, self.parser), train.all_captions)
+            self._labels = load_or_build(self.label_path, train.captions, parses, groups=self.label_pos,
+                                         top_k=self.num_labels, stopwords=self.label_stopwords,
+                                         lemmatize=self.label_lemmatize, parser=self.parser,
+                                         caps_per_image=self.caps_per_image)
         return self._labels
+
+    @property
+    def label_pos_weights(self):
+        """CASC Eq. (11) positive weights p_c = #neg / #pos over the training images, as a float tensor [K]."""
+        import torch
+
+        return torch.from_numpy(self.labels.pos_weights.copy())
 
     @property
     def vocab(self) -> Vocabulary:
@@ -250,11 +265,13 @@ class PrecompDataModule(L.LightningDataModule):
             if self.needs_parses:
                 parses = ParseTable(parse_path(self.cache_dir, data.split, self.parser), data.all_captions)
             cls = CaptionPairs if stage == "fit" else ImageWithCaptions
-            image_labels = None
+            image_labels = caption_labels = None
             if self.with_labels:
                 image_labels = self.labels.image_labels(data.captions, parses, self.caps_per_image)
+                caption_labels = self.labels.caption_labels(data.captions, parses)
             ds = cls(data, self.vocab, self.with_boxes, parses, self.with_pos, self.with_graphs,
-                     image_labels, len(self.labels) if self.with_labels else 0, self.subword_tokenizer_obj)
+                     image_labels, len(self.labels) if self.with_labels else 0, self.subword_tokenizer_obj,
+                     caption_labels=caption_labels)
             self._check_unknown_words(ds, data)
             self._datasets[stage] = ds
         return self._datasets[stage]

@@ -12,7 +12,11 @@ def format_recall_table(results: dict[str, dict[str, float]], title: str = "") -
     lines.append("| " + " | ".join(heads) + " |")
     lines.append("|" + "|".join("---" for _ in heads) + "|")
     for split, m in results.items():
-        name = {"all": "all images"}.get(split, f"{split} (fold mean)")
+        if split.startswith("beta"):  # CASC's beta sweep: beta<b> (all images) or beta<b>_<fold> (fold mean)
+            b, _, fold = split[4:].partition("_")
+            name = f"beta={b}, " + (f"{fold} (fold mean)" if fold else "all images")
+        else:
+            name = {"all": "all images"}.get(split, f"{split} (fold mean)")
         vals = [f"{m[c]:.1f}" for c in cols]
         lines.append("| " + " | ".join([name] + vals) + " |")
     return "\n".join(lines)

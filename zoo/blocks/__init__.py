@@ -11,6 +11,12 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | CASC  | (5) S_I2T, mean over regions           | attention.i2t_similarity                      |
 | CASC  | (7) S_T2I, mean over words             | attention.t2i_similarity                      |
 | CASC  | (8)-(9) hardest-negative triplet loss  | losses.triplet_ranking_loss                   |
+| CASC  | (10) global attention vectors A^I, A^T | semantic.global_attention_weights (+ block_/paired_global_weights) |
+| CASC  | label head d -> 512 -> K (tanh)        | semantic.LabelHead (+ pair_label_logits)      |
+| CASC  | (11) positively weighted BCE           | semantic.weighted_label_bce                   |
+| CASC  | (13) S = beta S_loc + (1-beta) S_G     | semantic.local_similarity, semantic.fuse      |
+| CASC  | (13) S_G, released (a) / printed (b)   | semantic.global_label_similarity_pairs / _labels |
+| CASC  | Table I rows 1 / 3 (no attention, global cosine) | semantic.max_local_similarity / mean_pooled_cosine |
 | SCAN  | clipped-l2 normalisation, LSE pooling  | functional.normalize_scores, functional.aggregate |
 | CCCL  | (17) ReLU-l2 normalisation             | functional.normalize_scores(how="relu_l2")   |
 | CCCL  | (33) triplet alignment term            | losses.triplet_ranking_loss                   |

@@ -1,5 +1,6 @@
 """Methods: thin compositions of zoo.blocks on top of zoo.module.RetrievalModule."""
+from .casc import CASC
 from .casc_base import CASCBase
 from .cccl import CCCL
 
-__all__ = ["CASCBase", "CCCL"]
+__all__ = ["CASC", "CASCBase", "CCCL"]

@@ -22,12 +22,14 @@ class CASCBase(RetrievalModule):
         lambda_i2t / lambda_t2i: softmax smoothing lambda_1 / lambda_2.
         score_norm: normalisation of raw region-word scores before the softmax (SCAN's 'clipped_l2').
         aggregation: 'mean' (CASC) or 'lse' (SCAN's LogSumExp, temperature lse_temperature).
+        aggregation_i2t / aggregation_t2i: per-direction override of `aggregation` (None = aggregation); the
+            authors' released code pools I2T with LogSumExp and T2I with the mean.
     """
 
     def __init__(self, vocab_size: int | None = None, feature_dim: int = 2048, embed_dim: int = 1024,
                  word_dim: int = 300, direction: str = "both", lambda_i2t: float = 9.0, lambda_t2i: float = 4.0,
                  score_norm: str = "clipped_l2", aggregation: str = "mean", lse_temperature: float = 6.0,
-                 **loop_kwargs):
+                 aggregation_i2t: str | None = None, aggregation_t2i: str | None = None, **loop_kwargs):
         super().__init__(**loop_kwargs)
         if direction not in ("both", "i2t", "t2i"):
             raise ValueError(f"direction must be 'both', 'i2t' or 't2i', got {direction!r}")
@@ -62,10 +64,12 @@ class CASCBase(RetrievalModule):
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
         hp = self.hparams
         sc = region_word_scores(img["regions"], cap["words"], cap["lengths"])
-        kw = dict(norm=hp.score_norm, agg=hp.aggregation, lse_temperature=hp.lse_temperature, scores=sc)
+        kw = dict(norm=hp.score_norm, lse_temperature=hp.lse_temperature, scores=sc)
+        agg_i2t = hp.get("aggregation_i2t") or hp.aggregation
+        agg_t2i = hp.get("aggregation_t2i") or hp.aggregation
         if hp.direction == "i2t":
-            return i2t_similarity(None, None, None, smooth=hp.lambda_i2t, **kw)
+            return i2t_similarity(None, None, None, smooth=hp.lambda_i2t, agg=agg_i2t, **kw)
         if hp.direction == "t2i":
-            return t2i_similarity(None, None, None, smooth=hp.lambda_t2i, **kw)
-        return 0.5 * (i2t_similarity(None, None, None, smooth=hp.lambda_i2t, **kw)
-                      + t2i_similarity(None, None, None, smooth=hp.lambda_t2i, **kw))
+            return t2i_similarity(None, None, None, smooth=hp.lambda_t2i, agg=agg_t2i, **kw)
+        return 0.5 * (i2t_similarity(None, None, None, smooth=hp.lambda_i2t, agg=agg_i2t, **kw)
+                      + t2i_similarity(None, None, None, smooth=hp.lambda_t2i, agg=agg_t2i, **kw))

@@ -1,0 +1,459 @@
+"""CASC (Eqs. 10-13): blocks against slow hand computations, the label data, leak safety, the beta sweep,
+and every ablation row from its recipe."""
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_split
+from datamodules import DataError, PrecompDataModule
+from datamodules.labels import STOPWORDS, LabelVocabulary
+from datamodules.parsing import UPOS_ID
+from zoo.evaluation import cat_embeddings, score_blockwise
+from zoo.blocks import i2t_similarity, region_word_scores, t2i_similarity
+from zoo.blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, local_similarity,
+                                 max_local_similarity, mean_pooled_cosine, paired_global_weights, weighted_label_bce)
+from zoo.methods import CASC, CASCBase
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = sorted(p for p in (ROOT / "recipes" / "ablations" / "casc").rglob("*.yaml") if not p.name.startswith("_"))
+
+
+@pytest.fixture
+def f64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    args = dict(vocab_size=20, num_labels=7, feature_dim=6, embed_dim=5, word_dim=4, label_hidden=3, fold_size=None)
+    args.update(kw)
+    return CASC(**args)
+
+
+def _random_emb(model, n_img=3, n_cap=4, regions=3, lengths=(4, 2, 3, 4)):
+    g = torch.Generator().manual_seed(1)
+    d = model.hparams.embed_dim
+    v = F.normalize(torch.randn(n_img, regions, d, generator=g), dim=-1)
+    L_ = max(lengths)
+    lens = torch.tensor(lengths)
+    t = F.normalize(torch.randn(n_cap, L_, d, generator=g), dim=-1)
+    t = t * (torch.arange(L_)[None, :] < lens[:, None])[..., None]  # padding is exactly 0, as the encoder's
+    img = {"regions": v, "image_ids": torch.arange(n_img)}
+    cap = {"words": t, "lengths": lens, "caption_ids": torch.arange(n_cap)}
+    if model.label_head is not None:
+        img["regions_proj"] = model.label_head.project(v)
+        cap["words_proj"] = model.label_head.project(t)
+    return img, cap
+
+
+# ---- slow references --------------------------------------------------------------------------------------------
+def _softmax_attention(query, context, smooth):
+    """alpha[q, k] for one pair, written out: clipped-l2 normalisation of s over the queries, softmax over context."""
+    s = torch.stack([torch.stack([F.cosine_similarity(qv, kv, dim=0) for kv in context]) for qv in query])  # [Q, K]
+    s = F.leaky_relu(s, 0.1)
+    s = s / s.norm(dim=0, keepdim=True).clamp_min(1e-8)
+    return torch.softmax(smooth * s, dim=1)
+
+
+def _slow_pair_vectors(v, t, lam1, lam2):
+    """A^I and A^T of Eq. (10) for one (image, caption) pair with only real words, materialised."""
+    a_v = _softmax_attention(t, v, lam2) @ v  # each word attends over regions -> attended region vectors [l, d]
+    a_t = _softmax_attention(v, t, lam1) @ t  # each region attends over words -> attended word vectors [k, d]
+    return a_v.mean(0), a_t.mean(0)
+
+
+# ---- blocks ---------------------------------------------------------------------------------------------------------
+def test_label_head_and_weighted_bce_against_hand_computation(f64):
+    torch.manual_seed(0)
+    head = LabelHead(4, 3, hidden=5)
+    x = torch.randn(2, 4)
+    y = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    p = torch.tensor([0.5, 2.0, 7.0])
+    w1, b1, w2, b2 = head.fc1.weight, head.fc1.bias, head.fc2.weight, head.fc2.bias
+    logits = head(x)
+    for n in range(2):  # two layers with tanh between, written out
+        h = [math.tanh(sum(w1[j, i].item() * x[n, i].item() for i in range(4)) + b1[j].item()) for j in range(5)]
+        for c in range(3):
+            assert logits[n, c].item() == pytest.approx(sum(w2[c, j].item() * h[j] for j in range(5)) + b2[c].item())
+    terms = []
+    for n in range(2):
+        for c in range(3):
+            s = 1 / (1 + math.exp(-logits[n, c].item()))
+            terms.append(-(p[c].item() * y[n, c].item() * math.log(s) + (1 - y[n, c].item()) * math.log(1 - s)))
+    assert weighted_label_bce(logits, y, p).item() == pytest.approx(sum(terms) / 6)  # released: mean over B x K
+    assert weighted_label_bce(logits, y, p, "sum").item() == pytest.approx(sum(terms))  # Eq. (11) literally
+    unweighted = weighted_label_bce(logits, y, None).item()
+    assert unweighted != pytest.approx(sum(terms) / 6)  # the weights matter in this case
+    # the first layer commutes with a convex combination: W (sum w v) + b = sum w (W v) + b
+    w = torch.softmax(torch.randn(2), 0)
+    assert torch.allclose(head.from_projected((w[:, None] * head.project(x)).sum(0)), head((w[:, None] * x).sum(0)))
+
+
+def test_training_label_loss_is_alpha_times_both_predictions(f64):
+    model = _model()
+    img, cap = _random_emb(model, n_img=3, n_cap=3, lengths=(4, 2, 3))
+    y = torch.tensor([[1.0, 0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0, 0]])
+    model.pos_weight.copy_(torch.arange(1.0, 8.0))
+    losses = model.training_losses({"image_ids": torch.arange(3), "labels": y}, img, cap)
+    li, lt = model.pair_label_logits(img, cap)
+    expect = 10 * (weighted_label_bce(li, y, model.pos_weight) + weighted_label_bce(lt, y, model.pos_weight))
+    assert torch.allclose(losses["label"], expect)
+    assert set(losses) == {"triplet", "label"}
+
+
+def test_global_vectors_and_label_similarity_a_blockwise_equal_a_slow_per_pair_loop(f64):
+    model = _model(lambda_i2t=4.0, lambda_t2i=9.0)
+    img, cap = _random_emb(model)
+    with torch.no_grad():
+        _, s_g = model.score_parts(img, cap)
+        blocked = score_blockwise(lambda a, b: model.score_parts(a, b)[1], img, cap, 2, 3)
+        slow = torch.zeros(3, 4)
+        for i in range(3):
+            for c in range(4):
+                n = int(cap["lengths"][c])
+                a_i, a_t = _slow_pair_vectors(img["regions"][i], cap["words"][c, :n], 4.0, 9.0)
+                p_i, p_t = torch.sigmoid(model.label_head(a_i)), torch.sigmoid(model.label_head(a_t))
+                slow[i, c] = F.cosine_similarity(p_i, p_t, dim=0)
+        # training's paired path (matched pairs = the diagonal) gives the same vectors
+        li, lt = model.pair_label_logits({"regions": img["regions"]}, {k: v[:3] for k, v in cap.items()})
+        for n in range(3):
+            a_i, a_t = _slow_pair_vectors(img["regions"][n], cap["words"][n, : int(cap["lengths"][n])], 4.0, 9.0)
+            assert torch.allclose(li[n], model.label_head(a_i)) and torch.allclose(lt[n], model.label_head(a_t))
+    assert torch.allclose(s_g, slow, atol=1e-10)
+    assert torch.allclose(blocked.double(), slow, atol=1e-6)  # score_blockwise keeps float32 scores
+
+
+def test_padding_gives_finite_values_and_gradients():
+    model = _model()
+    img, cap = _random_emb(model, lengths=(2, 2, 3, 6))
+    img = {k: (v.detach().requires_grad_(True) if v.is_floating_point() else v) for k, v in img.items()}
+    s_loc, s_g = model.score_parts(img, cap)
+    (s_loc.sum() + s_g.sum()).backward()
+    assert torch.isfinite(s_g).all() and torch.isfinite(img["regions"].grad).all()
+    w_r, w_l = paired_global_weights(img["regions"], cap["words"][:3], cap["lengths"][:3], smooth_i2t=4, smooth_t2i=9)
+    assert torch.allclose(w_r.sum(-1), torch.ones(3)) and torch.allclose(w_l.sum(-1), torch.ones(3))
+    assert (w_l[0, 2:] == 0).all()  # padded words carry no weight
+
+
+def test_eq13_fusion_in_both_readings_and_scales(f64):
+    a, b, g = torch.rand(2, 3), torch.rand(2, 3), torch.rand(2, 3)
+    assert torch.allclose(fuse(local_similarity(a, b), g, 0.8), 0.8 * (a + b) / 2 + 0.2 * g)
+    assert torch.allclose(fuse(local_similarity(a, b, average=False), g, 0.8), 0.8 * (a + b) + 0.2 * g)
+    assert torch.equal(local_similarity(a, None), a) and torch.equal(fuse(a, None, 0.3), a)
+    for fusion, scale in (("average", 0.5), ("sum", 1.0)):
+        for reading in ("pair", "caption_labels"):
+            model = _model(local_fusion=fusion, sg_reading=reading, beta=0.7)
+            img, cap = _random_emb(model)
+            cap["label_vec"] = torch.tensor([[1.0, 0, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0, 0], [0.0] * 7,
+                                             [1, 1, 1, 0, 0, 0, 0]])[:, None, None, :]
+            with torch.no_grad():
+                img["label_logits"] = model.label_head(img["regions"].mean(1))
+                sc = region_word_scores(img["regions"], cap["words"], cap["lengths"])
+                s1 = i2t_similarity(None, None, None, smooth=4.0, agg="lse", scores=sc)
+                s2 = t2i_similarity(None, None, None, smooth=9.0, agg="mean", scores=sc)
+                if reading == "pair":
+                    s_g = model.score_parts(img, cap)[1]
+                else:  # printed (b): cos(predicted labels of the image, the caption's own label vector)
+                    p = torch.sigmoid(model.label_head(img["regions"].mean(1)))
+                    y = cap["label_vec"][:, 0, 0]
+                    s_g = torch.stack([torch.stack([F.cosine_similarity(p[i], y[c], dim=0) for c in range(4)])
+                                       for i in range(3)])
+                    assert torch.allclose(s_g, global_label_similarity_labels(img["label_logits"], y))
+                    assert (s_g[:, 2] == 0).all()  # a caption without labels
+                expect = 0.7 * scale * (s1 + s2) + 0.3 * s_g
+                assert torch.allclose(model.score(img, cap), expect), (fusion, reading)
+
+
+def test_ablation_scorers_against_loops(f64):
+    model = _model()
+    img, cap = _random_emb(model)
+    v, t, lens = img["regions"], cap["words"], cap["lengths"]
+    sc = region_word_scores(v, t, lens)
+    s_max, s_cos = max_local_similarity(sc), mean_pooled_cosine(v, t, lens)
+    for i in range(3):
+        for c in range(4):
+            n = int(lens[c])
+            cos = torch.stack([torch.stack([F.cosine_similarity(r, w, dim=0) for w in t[c, :n]]) for r in v[i]])
+            assert s_max[i, c] == pytest.approx(cos.max(1).values.mean().item())
+            assert s_cos[i, c] == pytest.approx(F.cosine_similarity(v[i].mean(0), t[c, :n].mean(0), dim=0).item())
+
+
+def test_casc_without_labels_scores_like_casc_base(f64):
+    casc = _model(global_branch="none")
+    base = CASCBase(vocab_size=20, feature_dim=6, embed_dim=5, word_dim=4, lambda_i2t=4.0, lambda_t2i=9.0,
+                    aggregation_i2t="lse", aggregation_t2i="mean")
+    img, cap = _random_emb(casc)
+    assert torch.allclose(casc.score(img, cap), base.score(img, cap))
+    assert casc.required_inputs == () and _model().required_inputs == ("labels",)
+
+
+def test_label_head_has_its_own_schedule():
+    model = _model(lr=1e-3, lr_decay_epochs=2, lr_decay=0.1)
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in model.label_head.parameters()}
+    seen = []
+    for epoch in range(8):
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]))
+        opt.step()
+        sched.step()
+    for e, (enc, head) in enumerate(seen):
+        assert enc == pytest.approx(1e-3 * 0.1 ** (e // 2)) and head == pytest.approx(0.01 * 0.8 ** (e // 3))
+
+
+# ---- labels ---------------------------------------------------------------------------------------------------------
+class _Parses:
+    """A stand-in ParseTable: a fixed UPOS tag per word."""
+
+    def __init__(self, captions, tags):
+        from datamodules.text import tokenize
+
+        self.rows = [np.array([UPOS_ID[tags.get(w, "DET")] for w in tokenize(c)]) for c in captions]
+        self.offsets = np.arange(len(self.rows) + 1)
+        self.upos = np.concatenate(self.rows)
+
+    def get(self, k):
+        return self.rows[k], np.zeros_like(self.rows[k])
+
+
+def test_label_extraction_on_known_captions():
+    caps = ["a dog chases a ball .", "the dog runs .", "all dogs sleep .", "two cats .",
+            "a cat on a mat .", "a cat sits .", "the cat and the dog .", "a Dog ."]
+    tags = {"dog": "NOUN", "ball": "NOUN", "dogs": "NOUN", "cats": "NOUN", "cat": "NOUN", "mat": "NOUN",
+            "all": "NOUN", "runs": "VERB", "chases": "VERB", "sits": "VERB", "sleep": "VERB", "two": "NUM"}
+    parses = _Parses(caps, tags)
+    assert "all" in STOPWORDS
+    voc = LabelVocabulary.build(caps, parses, "nn", top_k=3)
+    # counts: dog 4 (surface, lower-cased; 'dogs' separate: no lemmatisation), cat 3, ball/cats/dogs/mat 1;
+    # 'all' is tagged NOUN here but is a stopword
+    assert voc.words == ["dog", "cat", "ball"]
+    assert LabelVocabulary.build(caps, parses, "nn", top_k=10, stopwords=False).words[:3] == ["dog", "cat", "all"]
+    assert LabelVocabulary.build(caps, parses, "vb", top_k=2).words == ["chases", "runs"]
+    assert LabelVocabulary.build(caps, parses, "cd", top_k=5).words == ["two"]
+    per_caption = [x.tolist() for x in voc.caption_labels(caps, parses)]
+    assert per_caption == [[0, 2], [0], [], [], [1], [1], [0, 1], [0]]  # each caption's own words only
+    per_image = [x.tolist() for x in voc.image_labels(caps, parses, 4)]
+    assert per_image == [[0, 2], [0, 1]]  # union over the image's captions
+    # p_c = #neg / #pos over images: dog in 2 of 2 -> 0; cat in 1 -> 1; ball in 1 -> 1
+    assert voc.positive_weights([np.array([0, 2]), np.array([0, 1])]).tolist() == [0.0, 1.0, 1.0]
+    assert voc.positive_weights([np.array([0]), np.array([0]), np.array([0, 1]), np.array([1])]).tolist() == \
+        pytest.approx([1 / 3, 1.0, 3.0])
+    with pytest.raises(DataError, match="lemmatisation is not available"):
+        LabelVocabulary.build(caps, parses, lemmatize=True)
+
+
+def _label_data(tmp_path, captions=None, **kw):
+    root = tmp_path / "d"
+    caps = captions or (["a dog runs on the grass ."] * 3 + ["a dog and a ball .", "the dog sleeps ."]
+                        + ["a cat sits on a chair ."] * 4 + ["a cat ."])
+    write_split(root, "train", n_images=2, captions=caps)
+    write_split(root, "dev", n_images=2, captions=caps, seed=1)
+    args = dict(num_regions=4, feature_dim=8, with_labels=True, num_labels=4, num_workers=0, batch_size=10,
+                vocab_min_count=1)
+    args.update(kw)
+    dm = PrecompDataModule(str(root), **args)
+    dm.prepare_data()
+    return root, dm
+
+
+def test_label_artifact_records_its_source_and_is_rebuilt_when_it_changes(tmp_path):
+    import json
+
+    root, dm = _label_data(tmp_path)
+    dm.setup("fit")
+    meta = json.loads(dm.label_path.read_text())["meta"]
+    assert meta["parser"] == "spacy" and meta["top_k"] == 4 and meta["stopwords"] is True and len(meta["captions_digest"]) == 40
+    assert dm.labels.words == ["cat", "dog", "chair", "grass"]
+    # p_c over the 2 training images: cat 1 pos 1 neg, dog 1/1, chair 1/1, grass 1/1
+    assert dm.label_pos_weights.tolist() == [1.0, 1.0, 1.0, 1.0]
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["caption_labels"][:5].tolist() == [[0, 1, 0, 1]] * 3 + [[0, 1, 0, 0], [0, 1, 0, 0]]
+    # new training captions: the cached dictionary is stale and rebuilt, not reused
+    new = ["a horse on a hill ."] * 5 + ["a horse and a cow ."] * 5
+    (root / "train_caps.txt").write_text("\n".join(new) + "\n")
+    for f in root.glob("train_parse*"):
+        f.unlink()
+    dm2 = PrecompDataModule(str(root), num_regions=4, feature_dim=8, with_labels=True, num_labels=4, num_workers=0,
+                            vocab_min_count=1)
+    dm2.prepare_data()
+    assert dm2.labels.words == ["horse", "cow", "hill"]
+    assert dm2.label_pos_weights.tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(DataError, match="lemmatisation"):
+        PrecompDataModule(str(root), with_labels=True, label_lemmatize=True)
+
+
+# ---- leak safety ----------------------------------------------------------------------------------------------------
+NOUNS = ["dog", "cat", "ball", "car", "man", "grass"]
+
+
+class _Leaky(CASC):
+    """What must never happen: S_G read from the image's label set served on the test split."""
+
+    def encode_images(self, batch):
+        out = super().encode_images(batch)
+        out["label_logits"] = 20 * batch["labels"] - 10
+        return out
+
+
+def _leak_case(tmp_path):
+    root = tmp_path / "leak"
+    # image i's five captions each name one different noun: the union over them (the image's "label set")
+    # identifies the image, a single caption's own words do not
+    caps = lambda n, shift: [f"a {NOUNS[(i + c + shift) % 6]} ." for i in range(n) for c in range(5)]  # noqa: E731
+    write_split(root, "train", n_images=6, captions=caps(6, 0))
+    write_split(root, "dev", n_images=6, seed=1, captions=caps(6, 0))
+    write_split(root, "test", n_images=6, seed=2, captions=caps(6, 0))
+    dm = PrecompDataModule(str(root), num_regions=4, feature_dim=8, with_labels=True, num_labels=6, num_workers=0,
+                           batch_size=10, eval_batch_size=3, vocab_min_count=1, val_max_images=None)
+    dm.prepare_data()
+    return dm
+
+
+def _test_metrics(model, dm):
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.test(model, dm, verbose=False)
+    return model.last_metrics
+
+
+def test_no_test_split_label_set_reaches_a_score(tmp_path):
+    dm = _leak_case(tmp_path)
+    kw = dict(feature_dim=8, embed_dim=8, word_dim=4, fold_size=None, sg_reading="caption_labels", beta=0.0)
+    results = {}
+    for name, cls in (("honest", CASC), ("leaky", _Leaky)):
+        for corrupt in (False, True):
+            torch.manual_seed(0)
+            model = cls(**kw)
+            dm._datasets.clear()
+            dm.setup("test")
+            if corrupt:  # replace every test image's label set by the next image's
+                ds = dm.dataset("test")
+                ds.image_labels = ds.image_labels[1:] + ds.image_labels[:1]
+            results[name, corrupt] = _test_metrics(model, dm)["all"]
+    # the construction detects a leak: label sets served on the test split change a leaking model's ranking
+    assert results["leaky", False]["rsum"] != results["leaky", True]["rsum"]
+    # CASC never reads them
+    assert results["honest", False] == results["honest", True]
+
+
+# ---- beta sweep -----------------------------------------------------------------------------------------------------
+def test_beta_sweep_from_one_pass_equals_separate_evaluations(tmp_path):
+    dm = _leak_case(tmp_path)
+    torch.manual_seed(0)
+    model = CASC(feature_dim=8, embed_dim=8, word_dim=4, fold_size=3, eval_image_block=2, eval_caption_block=7,
+                 beta_sweep=[0.0, 0.3, 1.0])
+    dm.setup("test")
+    model.configure_from_data(dm)
+    with torch.no_grad():  # a fresh head predicts ~0.5 everywhere (S_G ~ 1 for every pair): make S_G informative
+        model.label_head.fc1.weight.mul_(20)
+        model.label_head.fc2.weight.mul_(20)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    swept = _test_metrics(model, dm)
+    assert "beta0.3" in swept and "beta0.3_fold3" in swept
+    for beta in (0.0, 0.3, 0.8, 1.0):  # 0.8: the run's own beta (its main metrics)
+        single = CASC(feature_dim=8, embed_dim=8, word_dim=4, fold_size=3, eval_image_block=2, eval_caption_block=7,
+                      beta=beta, vocab_size=dm.vocab_size, num_labels=len(dm.labels))
+        single.load_state_dict(state)
+        one = _test_metrics(single, dm)
+        if beta == 0.8:
+            assert swept["all"] == pytest.approx(one["all"]) and swept["fold3"] == pytest.approx(one["fold3"])
+            continue
+        assert swept[f"beta{beta:g}"] == pytest.approx(one["all"]), beta
+        assert swept[f"beta{beta:g}_fold3"] == pytest.approx(one["fold3"]), beta
+    assert swept["beta0"] != swept["beta1"]  # the sweep is not one number repeated
+
+
+def test_evaluation_arguments_stay_out_of_checkpoint_hparams():
+    # `lightning test --ckpt_path` re-applies the checkpoint's hparams over the command line: --model.beta 0.5
+    # must not be silently replaced by the training value
+    model = _model(beta=0.3, beta_sweep=[0.0, 1.0], sg_reading="caption_labels")
+    assert not {"beta", "beta_sweep", "sg_reading"} & set(model.hparams)
+    assert (model.beta, model.beta_sweep, model.sg_reading) == (0.3, [0.0, 1.0], "caption_labels")
+
+
+def test_predicted_labels_average_the_top3_captions(f64):
+    model = _model()
+    img, cap = _random_emb(model, n_img=2, n_cap=4)
+    sims = torch.tensor([[0.9, 0.1, 0.8, 0.7], [0.0, 0.5, 0.2, 0.1]])
+    scores, ids = model.predict_image_labels(img, cap, top_captions=3, k=4, sims=sims)
+    for i, top in enumerate(([0, 2, 3], [1, 2, 3])):
+        probs = []
+        for c in top:
+            n = int(cap["lengths"][c])
+            a_i, _ = _slow_pair_vectors(img["regions"][i], cap["words"][c, :n], 4.0, 9.0)
+            probs.append(torch.sigmoid(model.label_head(a_i)))
+        p = torch.stack(probs).mean(0)
+        assert torch.allclose(scores[i], p.topk(4).values) and ids[i].tolist() == p.topk(4).indices.tolist()
+
+
+# ---- every row from its recipe ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth") / "ss"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_row_trains_a_step_and_evaluates(row, synth_root, tmp_path, monkeypatch):
+    from zoo.cli import ZooCLI
+    from zoo.module import RetrievalModule
+
+    first = row.read_text().splitlines()[0]
+    assert first.startswith("# ") and " — " in first, "a row's first line is '# <label> — <what it computes>'"
+    monkeypatch.chdir(tmp_path)
+    shrink = ["--data.init_args.root", str(synth_root), "--data.init_args.n_train", "20", "--data.init_args.n_dev", "4",
+              "--data.init_args.n_test", "4", "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "4",
+              "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
+              "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",
+              "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8", "--model.init_args.word_dim", "4",
+              "--model.init_args.label_hidden", "8", "--model.init_args.beta_sweep", "[0.0,0.5]"]
+    cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                 args=["--config", str(ROOT / "recipes" / "casc_synth.yaml"), "--config", str(row), *shrink])
+    assert isinstance(cli.model, CASC)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    before = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    trainer.fit(cli.model, cli.datamodule)
+    after = cli.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after), "no parameter moved"
+    trainer.test(cli.model, cli.datamodule, verbose=False)
+    m = cli.model.last_metrics
+    assert math.isfinite(m["all"]["rsum"]) and "beta0.5" in m
+
+
+def test_paper_results_table_names_our_rows():
+    import csv
+
+    with open(ROOT / "zoo" / "paper_results" / "casc.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["table", "row", "dataset", "protocol", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
+                       "t2i_r10", "rsum", "note"]
+    stems = {(p.parent.name, p.stem.split("_", 1)[1]) for p in ROWS}
+    for table, row, ds, protocol, *nums, note in rows[1:]:
+        assert ds in ("f30k", "coco") and protocol in ({"test"} if ds == "f30k" else {"1k", "5k"})
+        if table in {p.parent.name for p in ROWS}:
+            assert (table, row) in stems or table == "table7_methods", (table, row)
+        vals = [float(x) for x in nums[:6] if x]
+        if nums[6]:
+            assert float(nums[6]) == pytest.approx(sum(vals), abs=0.05)
+    casc = [r for r in rows if r[:3] == ["table1_components", "local_attention_global_label", "f30k"]][0]
+    assert casc[7] == "60.2" and "kept as printed" in casc[-1]
+
+
+def test_image_label_words_reads_the_label_dictionary(tmp_path):
+    dm = _leak_case(tmp_path)
+    dm.setup("test")
+    torch.manual_seed(0)
+    model = CASC(feature_dim=8, embed_dim=8, word_dim=4, fold_size=None)
+    model.configure_from_data(dm)
+    out = model.image_label_words(dm, [0, 4], k=3)
+    assert len(out) == 2 and all(len(r) == 3 for r in out)
+    assert all(w in NOUNS and 0 < s < 1 for r in out for w, s in r)

@@ -1,0 +1,179 @@
+"""CASC's global semantic consistency (Sec. III-C/D, Eqs. (10)-(13)) and the simple local/global scorers
+of its ablation rows (Tables I/II).
+
+Global attention vectors (Eq. (10)) of an image-caption pair are convex combinations of the pair's regions
+and words: A^I = (1/l) sum_j a^V_j = sum_r w^I_r v_r with w^I_r = mean over real words j of the T2I weight
+alpha_{j->r}; A^T = (1/k) sum_i a^T_i = sum_l w^T_l t_l with w^T_l = mean over regions i of alpha_{i->l}.
+Because the weights sum to one and the label head's first layer is affine, W1 A + b1 = sum w (W1 v) + b1:
+regions and words are projected to the head's hidden size once, and scoring a block of pairs never forms
+d-dim attended vectors (memory O(I*C*(R+L)) weights + O(I*C*hidden) instead of O(I*C*d) per direction).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import RegionWordScores, attention_weights
+from .functional import l2_normalize, masked_mean, wide
+
+
+# ---- Eq. (10): the weights that make the global attention vectors ----------------------------------------------
+def pair_attention_weights(cosine: torch.Tensor, word_mask: torch.Tensor, *, smooth_i2t: float, smooth_t2i: float,
+                           norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions' attention weights, exactly as attention.i2t_similarity / t2i_similarity form them.
+
+    cosine [..., R, L] region-word cosines (s_ij, Eq. (3)); word_mask broadcastable to it, True on real words.
+    Returns (alpha_i2t, alpha_t2i), both [..., R, L]: alpha_i2t sums to 1 over words (each region attends over
+    the words, lambda_1, Eq. (4)); alpha_t2i sums to 1 over regions (each word attends over the regions,
+    lambda_2, Eq. (6)).
+    """
+    alpha_i2t = attention_weights(cosine, None, word_mask, smooth_i2t, norm)
+    alpha_t2i = attention_weights(cosine, word_mask, None, smooth_t2i, norm, context_dim=-2)
+    return alpha_i2t, alpha_t2i
+
+
+def global_attention_weights(cosine: torch.Tensor, word_mask: torch.Tensor, *, smooth_i2t: float,
+                             smooth_t2i: float, norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """CASC Eq. (10) as weights: (w_regions [..., R], w_words [..., L]) with A^I = sum_r w_r v_r, A^T = sum_l w_l t_l.
+
+    w_regions = mean over real words of the T2I weights; w_words = mean over regions of the I2T weights (0 on
+    padded words). Each sums to 1.
+    """
+    alpha_i2t, alpha_t2i = pair_attention_weights(cosine, word_mask, smooth_i2t=smooth_i2t, smooth_t2i=smooth_t2i,
+                                                  norm=norm)
+    mask = word_mask.expand_as(cosine)
+    w_regions = masked_mean(alpha_t2i, mask, dim=-1)  # [..., R]
+    w_words = alpha_i2t.mean(dim=-2)  # [..., L]
+    return w_regions, w_words
+
+
+def block_global_weights(sc: RegionWordScores, *, smooth_i2t: float, smooth_t2i: float,
+                         norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (10) weights for every (image, caption) pair of a block: ([I, C, R], [I, C, L])."""
+    return global_attention_weights(sc.cosine, sc.word_mask[None, :, None, :], smooth_i2t=smooth_i2t,
+                                    smooth_t2i=smooth_t2i, norm=norm)
+
+
+def paired_global_weights(regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, *, smooth_i2t: float,
+                          smooth_t2i: float, norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (10) weights of matched pairs (row n of regions with row n of words): ([B, R], [B, L])."""
+    dtype = torch.promote_types(regions.dtype, words.dtype)
+    mask = torch.arange(words.shape[1], device=words.device)[None, :] < lengths[:, None]
+    words = words.to(dtype) * mask[..., None].to(dtype)
+    cosine = wide(torch.einsum("brd,bld->brl", l2_normalize(regions.to(dtype)), l2_normalize(words)))
+    return global_attention_weights(cosine, mask[:, None, :], smooth_i2t=smooth_i2t, smooth_t2i=smooth_t2i,
+                                    norm=norm)
+
+
+# ---- the label head (Sec. III-C2, released code d -> 512 -> K, tanh between) ------------------------------------
+class LabelHead(nn.Module):
+    """Two fully connected layers with tanh between: global attention vector [.., d] -> label logits [.., K].
+
+    `project` applies the first layer's linear part only; `from_projected` finishes from a convex combination
+    of projected vectors (valid because the combination weights sum to 1, so the bias passes through).
+    """
+
+    def __init__(self, embed_dim: int, num_labels: int, hidden: int = 512):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fc1.weight)
+
+    def from_projected(self, p: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(p + self.fc1.bias))
+
+
+def pair_label_logits(head: LabelHead, w_regions: torch.Tensor, regions_proj: torch.Tensor, w_words: torch.Tensor,
+                      words_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label logits of every pair of a block from A^I and A^T, without forming them: ([I, C, K], [I, C, K]).
+
+    w_regions [I, C, R], regions_proj [I, R, h] (head.project of the regions), w_words [I, C, L],
+    words_proj [C, L, h] (head.project of the words, 0 on padding).
+    """
+    dtype = head.fc1.weight.dtype
+    h_img = torch.einsum("icr,irh->ich", w_regions.to(dtype), regions_proj.to(dtype))
+    h_txt = torch.einsum("icl,clh->ich", w_words.to(dtype), words_proj.to(dtype))
+    return head.from_projected(h_img), head.from_projected(h_txt)
+
+
+def prediction_cosine(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Cosine between two sigmoid label predictions along the last dim (S_G, released reading)."""
+    a, b = torch.sigmoid(wide(logits_a)), torch.sigmoid(wide(logits_b))
+    return (l2_normalize(a) * l2_normalize(b)).sum(-1)
+
+
+def global_label_similarity_pairs(head: LabelHead, sc: RegionWordScores, regions_proj: torch.Tensor,
+                                  words_proj: torch.Tensor, *, smooth_i2t: float, smooth_t2i: float,
+                                  norm: str = "clipped_l2") -> torch.Tensor:
+    """S_G, reading (a) (released code): for each pair, cos(sigmoid(head(A^I)), sigmoid(head(A^T))). [I, C]."""
+    w_regions, w_words = block_global_weights(sc, smooth_i2t=smooth_i2t, smooth_t2i=smooth_t2i, norm=norm)
+    logits_img, logits_txt = pair_label_logits(head, w_regions, regions_proj, w_words, words_proj)
+    return prediction_cosine(logits_img, logits_txt)
+
+
+def global_label_similarity_labels(image_logits: torch.Tensor, caption_labels: torch.Tensor) -> torch.Tensor:
+    """S_G, reading (b) (printed text): cos(predicted labels of the image [I, K], label vector of the caption [C, K]).
+
+    caption_labels must come from each caption's own words (never the union over its image's captions).
+    A caption without any label scores 0 against every image.
+    """
+    p = l2_normalize(torch.sigmoid(wide(image_logits)))
+    y = l2_normalize(wide(caption_labels).to(p.dtype))
+    return p @ y.T
+
+
+# ---- Eq. (11): positively weighted sigmoid BCE -----------------------------------------------------------------
+def weighted_label_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None,
+                       reduction: str = "mean") -> torch.Tensor:
+    """CASC Eq. (11) for one prediction: -[p_c y_c log s(x_c) + (1 - y_c) log(1 - s(x_c))].
+
+    reduction 'mean' (released code: BCEWithLogitsLoss, mean over batch x labels) or 'sum' (Eq. (11)/(12) literally:
+    summed over labels and pairs, about B*K times larger).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"label loss reduction must be 'mean' or 'sum', got {reduction!r}")
+    logits = wide(logits)
+    pw = None if pos_weight is None else pos_weight.to(logits)
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits), pos_weight=pw, reduction=reduction)
+
+
+# ---- Eq. (13): test-time fusion ------------------------------------------------------------------------------------
+def local_similarity(s_i2t: torch.Tensor | None, s_t2i: torch.Tensor | None, average: bool = True) -> torch.Tensor:
+    """The local term of Eq. (13): 1/2 (S_I2T + S_T2I) (released code) or S_I2T + S_T2I (printed); one direction
+    alone when the other is None."""
+    if s_i2t is None or s_t2i is None:
+        s = s_i2t if s_t2i is None else s_t2i
+        if s is None:
+            raise ValueError("local_similarity needs at least one direction")
+        return s
+    return 0.5 * (s_i2t + s_t2i) if average else s_i2t + s_t2i
+
+
+def fuse(s_local: torch.Tensor | None, s_global: torch.Tensor | None, beta: float) -> torch.Tensor:
+    """CASC Eq. (13): beta * S_loc + (1 - beta) * S_G (either term alone when the other is absent)."""
+    if s_global is None:
+        return s_local
+    if s_local is None:
+        return s_global
+    return beta * s_local + (1.0 - beta) * s_global
+
+
+# ---- ablation scorers (Tables I/II rows 1, 3) ---------------------------------------------------------------------
+def max_local_similarity(sc: RegionWordScores) -> torch.Tensor:
+    """Row 1 "Local" (no attention, DVSA-style): mean over regions of the best-matching real word's cosine. [I, C]."""
+    cos = sc.cosine.masked_fill(~sc.word_mask[None, :, None, :], float("-inf"))
+    return cos.max(dim=-1).values.mean(dim=-1)
+
+
+def mean_pooled_cosine(regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Row 3 "Global": cosine of the mean of the regions and the mean of the real words. [I, C]."""
+    mask = torch.arange(words.shape[1], device=words.device)[None, :] < lengths[:, None]
+    g_img = l2_normalize(wide(regions).mean(dim=1))
+    g_txt = l2_normalize(masked_mean(wide(words), mask[..., None], dim=1))
+    return g_img @ g_txt.T

@@ -1,0 +1,341 @@
+"""CASC: Cross-modal Attention with Semantic Consistency (Xu et al., TNNLS 2020), every row of its tables.
+
+Local alignment (Sec. III-B, Eqs. 3-9) as in CASC-base; global semantic consistency (Sec. III-C, Eqs. 10-12):
+a label head d -> 512 -> K (tanh) predicts the image's semantic labels from both global attention vectors
+A^I and A^T of the matched pair, trained by the positively weighted BCE of Eq. (11); test-time similarity
+Eq. (13) S = beta * S_loc + (1 - beta) * S_G.
+
+Where the paper and the authors' released code (which produced the paper's numbers) differ, the defaults
+follow the released code and the printed reading is one switch away:
+
+| what                    | default (released code)                         | printed reading (switch)                         |
+|-------------------------|-------------------------------------------------|--------------------------------------------------|
+| lambda_1 / lambda_2     | 4 (I2T) / 9 (T2I), I2T pooled by LogSumExp      | lambda_i2t=9, lambda_t2i=4, aggregation_i2t=mean |
+| Eq. 11 reduction        | mean over batch x labels, per prediction, x10   | label_reduction=sum (~B*K times larger)          |
+| Eq. 13 local term       | 1/2 (S_I2T + S_T2I)                             | local_fusion=sum                                 |
+| S_G                     | sg_reading=pair: cos(s(head(A^I)), s(head(A^T)))| sg_reading=caption_labels: cos(s(head(mean v)), Y_T) |
+| label-head lr           | 0.01 x 0.8^floor(epoch/3)                       | label_lr_decay=0.1, label_lr_decay_epochs=10     |
+
+Ablation switches (Tables I/II): local in {attention, max, none}, global_branch in {label, cosine, none}.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..blocks import BiGRUTextEncoder, RegionEncoder, i2t_similarity, region_word_scores, t2i_similarity, triplet_ranking_loss
+from ..blocks.functional import masked_mean, wide
+from ..blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, global_label_similarity_pairs,
+                               local_similarity, max_local_similarity, mean_pooled_cosine, paired_global_weights,
+                               prediction_cosine, weighted_label_bce)
+from ..evaluation import Emb, gather_padded
+from ..metrics import RetrievalMetrics
+from .casc_base import CASCBase
+
+LOCALS = ("attention", "max", "none")
+GLOBALS = ("label", "cosine", "none")
+SG_READINGS = ("pair", "caption_labels")
+EVAL_ARGS = ("beta", "beta_sweep", "sg_reading")  # choose at test time: --model.beta 0.5 on a trained checkpoint
+
+
+def _per_item(x: torch.Tensor) -> torch.Tensor:
+    """[C, K] -> [C, 1, 1, K]: a per-caption vector that evaluation's padding trim never mistakes for words."""
+    return x[:, None, None, :]
+
+
+class CASC(CASCBase):
+    """CASC and its ablations. See the module docstring for released-vs-printed switches.
+
+    Args:
+        vocab_size / num_labels: sizes; None = taken from the datamodule at setup (num_labels = data.num_labels
+            words actually found; the data must serve labels: data.with_labels: true).
+        local: 'attention' (cross attention, CASC-base), 'max' (no attention: mean over regions of the best word's
+            cosine, DVSA-style; Table I row 1), 'none'.
+        global_branch: 'label' (label head, S_G; CASC), 'cosine' (cosine of mean-pooled regions and words with its
+            own triplet loss; Table I row 3), 'none'.
+        direction: 'both', 'i2t' or 't2i': which local attention directions score (label branch unchanged).
+        lambda_i2t / lambda_t2i / aggregation_i2t / aggregation_t2i / lse_temperature / score_norm: the attention.
+        label_hidden: hidden size of the head (512); alpha: weight of the label loss (10).
+        label_reduction: 'mean' (released) or 'sum' (Eq. 11 literally); positive_weights: p_c of Eq. (11) on/off.
+        label_vectors: 'attention' (A^I, A^T of Eq. 10) or 'mean' (mean-pooled regions/words instead).
+        sg_reading: 'pair' (released (a)) or 'caption_labels' (printed (b)).
+        beta: Eq. (13) weight of the local term (an evaluation argument: --model.beta at test time).
+        local_fusion: 'average' (released) or 'sum' (printed Eq. 13).
+        beta_sweep: also report the metrics at each of these betas from the same evaluation pass, logged as
+            <stage>_beta<b>/<metric> (e.g. test_beta0.5/rsum); None = off.
+        label_lr / label_lr_decay / label_lr_decay_epochs: the label head's parameter group schedule.
+    """
+
+    def __init__(self, vocab_size: int | None = None, num_labels: int | None = None, feature_dim: int = 2048,
+                 embed_dim: int = 1024, word_dim: int = 300, local: str = "attention", global_branch: str = "label",
+                 direction: str = "both", lambda_i2t: float = 4.0, lambda_t2i: float = 9.0,
+                 aggregation_i2t: str = "lse", aggregation_t2i: str = "mean", lse_temperature: float = 6.0,
+                 score_norm: str = "clipped_l2", label_hidden: int = 512, alpha: float = 10.0,
+                 label_reduction: str = "mean", positive_weights: bool = True, label_vectors: str = "attention",
+                 sg_reading: str = "pair", beta: float = 0.8, local_fusion: str = "average",
+                 beta_sweep: list[float] | None = None, label_lr: float = 0.01, label_lr_decay: float = 0.8,
+                 label_lr_decay_epochs: int = 3, **loop_kwargs):
+        super(CASCBase, self).__init__(**loop_kwargs)  # RetrievalModule: CASCBase.__init__ would build its own hparams
+        checks = {"local": (local, LOCALS), "global_branch": (global_branch, GLOBALS),
+                  "direction": (direction, ("both", "i2t", "t2i")), "sg_reading": (sg_reading, SG_READINGS),
+                  "label_vectors": (label_vectors, ("attention", "mean")), "local_fusion": (local_fusion, ("average", "sum")),
+                  "label_reduction": (label_reduction, ("mean", "sum"))}
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"CASC {name} must be one of {allowed}, got {value!r}")
+        if local == "none" and global_branch == "none":
+            raise ValueError("CASC needs a local or a global branch (local and global_branch are both 'none')")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        # evaluation-only settings stay out of the checkpoint's hyper-parameters: `lightning test --ckpt_path`
+        # re-applies those over the command line, which would freeze beta at its training value
+        self.save_hyperparameters(ignore=list(EVAL_ARGS))
+        self.beta, self.beta_sweep, self.sg_reading = beta, beta_sweep, sg_reading
+        self.image_encoder = RegionEncoder(feature_dim, embed_dim)
+        self.text_encoder: BiGRUTextEncoder | None = None
+        self.label_head: LabelHead | None = None
+        if vocab_size is not None:
+            self._build_text(vocab_size)
+        if num_labels is not None and global_branch == "label":
+            self._build_labels(num_labels)
+        self._recording: list | None = None
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @property
+    def uses_labels(self) -> bool:
+        return self.hparams.global_branch == "label"
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("labels",) if self.uses_labels else ()
+
+    def _build_labels(self, num_labels: int) -> None:
+        if num_labels < 1:
+            raise ValueError("the label branch needs at least one label: use global_branch: none for '0 labels'")
+        self.label_head = LabelHead(self.hparams.embed_dim, num_labels, self.hparams.label_hidden)
+        self.register_buffer("pos_weight", torch.ones(num_labels))
+        self.hparams["num_labels"] = num_labels
+
+    def configure_from_data(self, datamodule) -> None:
+        super().configure_from_data(datamodule)
+        if not self.uses_labels:
+            return
+        k = len(datamodule.labels)
+        if self.label_head is None:
+            self._build_labels(k)
+        elif self.label_head.fc2.out_features != k:
+            raise ValueError(f"model has {self.label_head.fc2.out_features} labels but the data's label dictionary has "
+                             f"{k}: use the same data.num_labels / data.label_pos as in training")
+        if self.hparams.positive_weights:
+            self.pos_weight.copy_(datamodule.label_pos_weights.to(self.pos_weight))
+
+    # ---- encoders -----------------------------------------------------------------------------------------------
+    @property
+    def _pair_labels(self) -> bool:
+        return self.uses_labels and self.hparams.label_vectors == "attention" and self.sg_reading == "pair"
+
+    def encode_images(self, batch: dict) -> Emb:
+        # never reads batch["labels"]: on evaluation splits that is the union over the image's test captions
+        v = self.image_encoder(batch["images"])
+        out = {"regions": v, "image_ids": batch["image_ids"]}
+        if self._pair_labels:
+            out["regions_proj"] = self.label_head.project(v)
+        elif self.uses_labels:  # a pair-independent prediction from the mean of the regions
+            out["label_logits"] = self.label_head(v.mean(dim=1))
+        return out
+
+    def encode_captions(self, batch: dict) -> Emb:
+        out = super().encode_captions(batch)
+        out["caption_ids"] = batch["caption_ids"]
+        hp = self.hparams
+        if self._pair_labels:
+            out["words_proj"] = self.label_head.project(out["words"])
+        elif self.uses_labels:
+            if self.sg_reading == "caption_labels":
+                out["label_vec"] = _per_item(batch["caption_labels"].to(out["words"].dtype))
+            else:
+                mask = torch.arange(out["words"].shape[1], device=out["words"].device)[None] < out["lengths"][:, None]
+                out["label_logits"] = _per_item(self.label_head(masked_mean(out["words"], mask[..., None], dim=1)))
+        return out
+
+    # ---- scores ---------------------------------------------------------------------------------------------------
+    def score_parts(self, img: Emb, cap: Emb, with_global: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(S_loc, S_G) of every pair of a block, [I, C] each (None where the branch is off or not asked for)."""
+        hp = self.hparams
+        needs_sc = hp.local != "none" or (self._pair_labels and with_global)
+        sc = region_word_scores(img["regions"], cap["words"], cap["lengths"]) if needs_sc else None
+        s_loc = None
+        if hp.local == "attention":
+            kw = dict(norm=hp.score_norm, lse_temperature=hp.lse_temperature, scores=sc)
+            s_i2t = i2t_similarity(None, None, None, smooth=hp.lambda_i2t, agg=hp.aggregation_i2t, **kw) \
+                if hp.direction in ("both", "i2t") else None
+            s_t2i = t2i_similarity(None, None, None, smooth=hp.lambda_t2i, agg=hp.aggregation_t2i, **kw) \
+                if hp.direction in ("both", "t2i") else None
+            s_loc = local_similarity(s_i2t, s_t2i, average=hp.local_fusion == "average")
+        elif hp.local == "max":
+            s_loc = max_local_similarity(sc)
+        s_g = None
+        if not with_global:
+            pass
+        elif hp.global_branch == "cosine":
+            s_g = mean_pooled_cosine(img["regions"], cap["words"], cap["lengths"])
+        elif self._pair_labels:
+            s_g = global_label_similarity_pairs(self.label_head, sc, img["regions_proj"], cap["words_proj"],
+                                                smooth_i2t=hp.lambda_i2t, smooth_t2i=hp.lambda_t2i, norm=hp.score_norm)
+        elif self.uses_labels and self.sg_reading == "caption_labels":
+            s_g = global_label_similarity_labels(img["label_logits"], cap["label_vec"][:, 0, 0])
+        elif self.uses_labels:  # label_vectors 'mean', released cosine between the two predictions
+            s_g = prediction_cosine(img["label_logits"][:, None, :], cap["label_logits"][None, :, 0, 0])
+        if self._recording is not None:
+            self._recording.append((img["image_ids"], cap["caption_ids"], s_loc, s_g))
+        return s_loc, s_g
+
+    def score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        s_loc, s_g = self.score_parts(img, cap)
+        return fuse(s_loc, s_g, self.beta)
+
+    # ---- training --------------------------------------------------------------------------------------------------
+    def pair_label_logits(self, img: Emb, cap: Emb) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label logits of the matched pairs (row n with row n) from A^I and A^T: ([B, K], [B, K])."""
+        hp = self.hparams
+        v, t, lengths = img["regions"], cap["words"], cap["lengths"]
+        if hp.label_vectors == "mean":
+            mask = torch.arange(t.shape[1], device=t.device)[None] < lengths[:, None]
+            return self.label_head(v.mean(1)), self.label_head(masked_mean(t, mask[..., None], dim=1))
+        w_r, w_l = paired_global_weights(v, t, lengths, smooth_i2t=hp.lambda_i2t, smooth_t2i=hp.lambda_t2i,
+                                         norm=hp.score_norm)
+        a_img = torch.einsum("br,brd->bd", w_r.to(v.dtype), v)  # Eq. (10), A^I
+        a_txt = torch.einsum("bl,bld->bd", w_l.to(t.dtype), t)  # Eq. (10), A^T
+        return self.label_head(a_img), self.label_head(a_txt)
+
+    def training_losses(self, batch: dict, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        hard, ids = self.use_hardest_negative, batch["image_ids"]
+        # S_G of the label branch is a test-time score: training needs only the matched pairs' predictions
+        s_loc, s_g = self.score_parts(img, cap, with_global=hp.global_branch == "cosine")
+        losses = {}
+        if s_loc is not None:
+            losses["triplet"] = triplet_ranking_loss(s_loc, self.margin, hard, ids)  # Eq. (9), summed over the batch
+        if hp.global_branch == "cosine":
+            losses["triplet_global"] = triplet_ranking_loss(s_g, self.margin, hard, ids)
+        if self.uses_labels:
+            logits_img, logits_txt = self.pair_label_logits(img, cap)
+            pw = self.pos_weight if hp.positive_weights else None
+            y = batch["labels"]  # the image's training label set (union over its training captions)
+            # Eq. (11)-(12) as released: mean over batch x labels for each prediction, times alpha (= 10); the
+            # literal sum (label_reduction: sum) is ~B*K times larger against the batch-summed triplet loss.
+            losses["label"] = hp.alpha * (weighted_label_bce(logits_img, y, pw, hp.label_reduction)
+                                          + weighted_label_bce(logits_txt, y, pw, hp.label_reduction))
+        return losses
+
+    def configure_optimizers(self):
+        """Encoders at lr (step decay as in the shared loop); the label head as a second group at label_lr x
+        label_lr_decay^floor(epoch / label_lr_decay_epochs). The label loss also updates the encoders."""
+        hp = self.hparams
+        head = list(self.label_head.parameters()) if self.label_head is not None else []
+        head_ids = {id(p) for p in head}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in head_ids], "lr": self.lr}]
+        if head:
+            groups.append({"params": head, "lr": hp.label_lr})
+        opt = torch.optim.Adam(groups)
+        step = lambda every, gamma: (lambda e: gamma ** (e // every) if every else 1.0)  # noqa: E731
+        lambdas = [step(self.lr_decay_epochs, self.lr_decay)]
+        if head:
+            lambdas.append(step(hp.label_lr_decay_epochs, hp.label_lr_decay))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ---- evaluation: the beta sweep from one pass ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_embeddings(self, img: Emb, cap: Emb, image_ids: torch.Tensor, caption_ids: torch.Tensor,
+                            n_images: int, progress: bool = False) -> dict[str, dict[str, float]]:
+        """The shared evaluation; with beta_sweep, also the metrics at every beta, from the S_loc and S_G blocks
+        recorded while the shared loop scored the grid (no second scoring pass)."""
+        betas = self.beta_sweep
+        if not betas:
+            return super().evaluate_embeddings(img, cap, image_ids, caption_ids, n_images, progress)
+        seen = torch.unique(gather_padded(image_ids))
+        self._recording = []
+        try:
+            results = super().evaluate_embeddings(img, cap, image_ids, caption_ids, n_images, progress)
+            blocks = self._recording
+        finally:
+            self._recording = None
+        k = self.caps_per_image
+        if seen.numel() < n_images:  # the shared loop's remapping of a partial evaluation (positions keep id order)
+            remap = torch.full((n_images,), -1, dtype=torch.long, device=seen.device)
+            remap[seen] = torch.arange(seen.numel(), device=seen.device)
+            img_pos, cap_pos = (lambda i: remap[i]), (lambda c: remap[c // k] * k + c % k)
+            n_images = seen.numel()
+        else:
+            img_pos = cap_pos = (lambda i: i)
+        device = image_ids.device
+        rows_ids = torch.unique(torch.cat([b[0] for b in blocks])) if blocks else \
+            torch.empty(0, dtype=torch.long, device=device)  # a rank without image rows (more ranks than images)
+        row_of = torch.full((int(rows_ids.max()) + 1 if blocks else 0,), -1, dtype=torch.long, device=device)
+        row_of[rows_ids] = torch.arange(rows_ids.numel(), device=device)
+        grids = [None, None]
+        for i_ids, c_ids, *parts in blocks:
+            for g, part in enumerate(parts):
+                if part is None:
+                    continue
+                if grids[g] is None:
+                    grids[g] = torch.empty(rows_ids.numel(), n_images * k, dtype=torch.float32, device=part.device)
+                grids[g][row_of[i_ids][:, None], cap_pos(c_ids)[None, :]] = part.float()
+        for beta in betas:
+            sims = fuse(grids[0], grids[1], float(beta)) if blocks else torch.empty(0, n_images * k, device=device)
+            metric = RetrievalMetrics(k, self.fold_size).to(sims.device)
+            metric.update(sims, img_pos(rows_ids))  # every rank updates (possibly empty): compute() gathers
+            for split, m in metric.compute().items():
+                results[f"beta{float(beta):g}" + ("" if split == "all" else f"_{split}")] = m
+        return results
+
+    # ---- predicted labels (Fig. 4) ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_image_labels(self, img: Emb, cap: Emb, top_captions: int = 3, k: int = 10,
+                             sims: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k labels of each image with their scores, [I, k] each (label ids index datamodule.labels.words).
+
+        As in the released code: the sigmoid predictions from A^I of the image paired with each of its
+        `top_captions` best-scoring captions (of `cap`), averaged. `sims` [I, C]: precomputed scores (else score()).
+        """
+        if self.label_head is None:
+            raise RuntimeError("predict_image_labels needs the label branch (global_branch: label)")
+        hp = self.hparams
+        sims = self.score(img, cap) if sims is None else sims
+        top = sims.topk(min(top_captions, sims.shape[1]), dim=1).indices  # [I, n]
+        probs = []
+        for n in range(top.shape[1]):
+            c = top[:, n]
+            pair_img = {"regions": img["regions"]}
+            pair_cap = {"words": cap["words"][c], "lengths": cap["lengths"][c]}
+            logits_img, _ = self.pair_label_logits(pair_img, pair_cap) if hp.label_vectors == "attention" else (
+                self.label_head(img["regions"].mean(1)), None)
+            probs.append(torch.sigmoid(wide(logits_img)))
+        p = torch.stack(probs).mean(0)
+        scores, ids = p.topk(min(k, p.shape[1]), dim=1)
+        return scores, ids
+
+    @torch.no_grad()
+    def image_label_words(self, datamodule, images: list[int], top_captions: int = 3,
+                          k: int = 10) -> list[list[tuple[str, float]]]:
+        """Fig. 4: the top-k (word, score) labels of test-split images `images`, retrieved against every test caption.
+
+            model = CASC.load_from_checkpoint("runs/casc_synth/checkpoints/best.ckpt")
+            dm = SynthScenesDataModule(..., with_labels=True); dm.prepare_data(); dm.setup("test")
+            model.image_label_words(dm, [0, 1, 2])
+        """
+        from ..evaluation import cat_embeddings, score_blockwise
+
+        self.eval()
+        chunks = [(self.encode_images(b), self.encode_captions(b))
+                  for b in (self.transfer_batch_to_device(b, self.device, 0) for b in datamodule.test_dataloader())]
+        img, cap = cat_embeddings([c[0] for c in chunks]), cat_embeddings([c[1] for c in chunks])
+        img = {key: v[images] for key, v in img.items()}  # loader order = image order (no shuffling)
+
+        sims = score_blockwise(self.score, img, cap, self.eval_image_block, self.eval_caption_block)
+        scores, ids = self.predict_image_labels(img, cap, top_captions, k, sims=sims)
+        words = datamodule.labels.words
+        return [[(words[j], float(s)) for j, s in zip(row_i, row_s)] for row_i, row_s in zip(ids.tolist(), scores)]
+
+
+__all__ = ["CASC"]
