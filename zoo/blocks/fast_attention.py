@@ -1,0 +1,254 @@
+"""Fast exact CASC/SCAN cross-attention scoring (CASC Eqs. (3)-(7)); the default path.
+
+Computes the same numbers as the reference functions in `attention.py` (`region_word_scores` +
+`i2t_similarity` / `t2i_similarity`, kept as the slow reference and tested against this file), with less work:
+
+1. **Captions bucketed by exact length.** The real words of a block are packed ([W, d], no padding) and
+   every group of captions of one length l is scored as a dense [I, R, n, l] tensor: no padding in the
+   contraction, no masks, no masked_fill/where passes anywhere after it.
+2. **One contraction, shared by both directions.** cos = regions_unit @ words_unit^T is computed once per
+   chunk; the score activation (LeakyReLU for 'clipped_l2') and its square are shared by I2T and T2I.
+3. **Softmax folded into the cosine.** With E = exp(lambda * s_hat) (un-normalised attention weights) and
+   D = sum E, the reference's cos(q, sum_k alpha_k c_k) = num / sqrt(max(sq, eps^2)) with num = sum_k E_k |c_k|
+   cos_k / D and sq = (E|c|)^T U (E|c|) / D^2 equals num' / sqrt(max(sq', eps^2 D^2)) on the un-normalised
+   E: the division by D over the big tensor is never done. The max-subtraction of softmax is skipped when
+   |lambda * s_hat| <= 80 can be proved (then exp neither overflows nor underflows in float32); otherwise
+   it is done.
+4. **Cache-sized chunks and in-place ops** when no gradient is needed (evaluation on CPU): the [Ic, R, cols]
+   working set stays within a few MB, so each elementwise pass runs from cache, and buffers are reused.
+5. Everything after the contraction is float32 (the contraction itself follows autocast, e.g. bf16).
+
+The Gram quadratic forms (||sum_k w_k u_k||^2 = w^T U w) are the reference's; only the bookkeeping changed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .functional import EPS, SCORE_NORMS, wide
+
+EPS2 = EPS * EPS
+_NO_MAX_BOUND = 80.0  # exp(+-80) is finite and normal in float32: no max-subtraction needed below this
+
+# working-set size (elements of one [Ic, R, cols] float32 chunk) for cache-resident elementwise passes on CPU
+CPU_CHUNK_ELEMENTS = 1 << 19
+
+
+def _check(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, norm: str, agg: str) -> None:
+    if images.dim() != 3 or captions.dim() != 3 or images.shape[-1] != captions.shape[-1]:
+        raise ValueError(f"expected images [I, R, d] and captions [C, L, d], got {tuple(images.shape)} and "
+                         f"{tuple(captions.shape)}")
+    if lengths.dim() != 1 or lengths.shape[0] != captions.shape[0]:
+        raise ValueError(f"expected lengths [C] for {captions.shape[0]} captions, got {tuple(lengths.shape)}")
+    if norm not in SCORE_NORMS:
+        raise ValueError(f"unknown score normalisation {norm!r}: use one of {SCORE_NORMS}")
+    if agg not in ("mean", "lse"):
+        raise ValueError(f"unknown aggregation {agg!r}: use 'mean' or 'lse'")
+
+
+def length_groups(lengths: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Captions bucketed by exact length: (order, [(start, count, length), ...]) over captions[order].
+
+    `order` sorts by length, longest first (stable), so a block that score_blockwise already sorted keeps
+    its order. Each group is a contiguous run of `order`.
+    """
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    if sorted_lengths and sorted_lengths[-1] < 1:
+        raise ValueError("every caption needs at least one word (a length-0 caption has no score)")
+    groups, start = [], 0
+    while start < len(sorted_lengths):
+        l = sorted_lengths[start]
+        end = start
+        while end < len(sorted_lengths) and sorted_lengths[end] == l:
+            end += 1
+        groups.append((start, end - start, int(l)))
+        start = end
+    return order, groups
+
+
+def _activation(x: torch.Tensor, norm: str) -> torch.Tensor:
+    """The activation before the query normalisation (a new tensor), or x itself when there is none."""
+    if norm.startswith("clipped"):
+        return F.leaky_relu(x, 0.1)
+    if norm.startswith("relu"):
+        return F.relu(x)
+    return x
+
+
+def _query_factor(act: torch.Tensor, sq: torch.Tensor | None, norm: str, query_dim: int, smooth: float):
+    """lambda / |act|_query for the l2/l1 normalisations (functional.normalize_scores without masks)."""
+    if norm.endswith("l2"):
+        s = sq.sum(query_dim, keepdim=True)
+        return torch.where(s > EPS2, torch.rsqrt(s.clamp_min(EPS2)), torch.zeros_like(s)).mul_(smooth)
+    if norm.endswith("l1"):
+        return smooth / act.abs().sum(query_dim, keepdim=True).clamp_min(EPS)
+    return None
+
+
+def _logits(x: torch.Tensor, act: torch.Tensor, factor: torch.Tensor | None, norm: str, query_dim: int,
+            smooth: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """lambda * normalize_scores(s) over the query dim; `out`: scratch buffer to write to (no-grad path)."""
+    if norm == "softmax":
+        return torch.softmax(x, dim=query_dim).mul_(smooth)
+    f = smooth if factor is None else factor
+    return torch.mul(act, f, out=out) if out is not None else act * f
+
+
+def _exp(z: torch.Tensor, dim: int, smooth: float, inplace: bool) -> torch.Tensor:
+    """Un-normalised softmax weights exp(z - m): m = 0 when |z| <= |lambda| * 1.01 <= 80 (every normalisation
+    keeps |s_hat| <= 1 up to rounding), else the max over `dim` as in torch.softmax."""
+    if abs(smooth) * 1.01 > _NO_MAX_BOUND:
+        z = z - z.amax(dim, keepdim=True).detach()
+        inplace = True
+    return z.exp_() if inplace else z.exp()
+
+
+def _pool(x: torch.Tensor, dim: int, agg: str, t: float) -> torch.Tensor:
+    if agg == "mean":
+        return x.mean(dim)
+    return torch.logsumexp(x * t, dim=dim) / t
+
+
+def _i2t_group(x, z, word_norms, word_gram, smooth, agg, t, inplace):
+    """x [I, R, n, l] cosines, z the logits; regions (dim 1) attend over words (dim 3). -> [I, n]."""
+    e = _exp(z, 3, smooth, inplace)
+    denom = e.sum(3)  # [I, R, n]
+    e = e.mul_(word_norms) if inplace else e * word_norms  # w_k = E_k |c_k|
+    num = (e * x).sum(3)
+    # quadratic form per caption c: [I*R, l] @ U_c[l, l]
+    uw = torch.einsum("ircj,cjk->irck", e, word_gram)
+    quad = (uw.mul_(e) if inplace else uw * e).sum(3)
+    per_region = num / torch.sqrt(torch.maximum(quad, denom * denom * EPS2))
+    return _pool(per_region, 1, agg, t)
+
+
+def _t2i_group(x, z, region_norms, region_gram, smooth, agg, t, inplace):
+    """x [I, R, n, l] cosines, z the logits; words (dim 3) attend over regions (dim 1). -> [I, n]."""
+    i, r, n, l = x.shape
+    e = _exp(z, 1, smooth, inplace)
+    denom = e.sum(1)  # [I, n, l]
+    rn = region_norms[:, :, None, None]
+    e = e.mul_(rn) if inplace else e * rn
+    num = (e * x).sum(1)
+    uw = torch.bmm(region_gram, e.reshape(i, r, n * l)).view(i, r, n, l)
+    quad = (uw.mul_(e) if inplace else uw * e).sum(1)
+    per_word = num / torch.sqrt(torch.maximum(quad, denom * denom * EPS2))
+    return _pool(per_word, 2, agg, t)
+
+
+def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / |x| (0 for a zero vector), |x|) as in functional.l2_normalize and the reference's .norm()."""
+    xf = wide(x)
+    sq = (xf * xf).sum(-1, keepdim=True)
+    unit = torch.where(sq > EPS2, xf * torch.rsqrt(sq.clamp_min(EPS2)), torch.zeros_like(xf)).to(x.dtype)
+    return unit, xf.norm(dim=-1)
+
+
+def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
+                               i2t: bool = True, t2i: bool = True, lambda_i2t: float = 9.0,
+                               lambda_t2i: float = 4.0, norm: str = "clipped_l2", agg: str = "mean",
+                               lse_temperature: float = 6.0, chunk_elements: int | None = None
+                               ) -> dict[str, torch.Tensor]:
+    """S_I2T and S_T2I (CASC Eqs. (3)-(7)) of every image with every caption: {'i2t': [I, C], 't2i': [I, C]}.
+
+    Same arguments and results as the reference `attention.i2t_similarity` / `t2i_similarity`
+    (smooth = lambda_i2t / lambda_t2i). chunk_elements: working-set size of one chunk (None = a cache-sized
+    default on CPU when no gradient is needed, whole block otherwise).
+    """
+    _check(images, captions, lengths, norm, agg)
+    n_img, n_reg, d = images.shape
+    n_cap = captions.shape[0]
+    dev = images.device
+    dtype = torch.promote_types(images.dtype, captions.dtype)
+    images, captions = images.to(dtype), captions.to(dtype)
+    out = [k for k, on in (("i2t", i2t), ("t2i", t2i)) if on]
+    if n_img == 0 or n_cap == 0 or not out:
+        return {k: torch.zeros(n_img, n_cap, dtype=torch.float32, device=dev) for k in out}
+    grad = torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad)
+    inplace = not grad
+    order, groups = length_groups(lengths)
+    # packed real words in sorted order: group g occupies columns [offsets[g], offsets[g] + n_g * l_g)
+    sorted_caps = captions[order]
+    packed = torch.cat([sorted_caps[s : s + n, :l].reshape(n * l, d) for s, n, l in groups])
+    word_unit, word_norms = _unit(packed)
+    region_unit, region_norms = _unit(images)
+    with torch.autocast(dev.type, enabled=False):
+        region_gram = torch.bmm(wide(region_unit), wide(region_unit).transpose(1, 2)) if t2i else None
+        word_grams = []
+        col = 0
+        for s, n, l in groups:
+            u = wide(word_unit[col : col + n * l]).view(n, l, d)
+            word_grams.append(torch.bmm(u, u.transpose(1, 2)) if i2t else None)
+            col += n * l
+    # chunking: captions in column chunks (whole groups, split when large), images in row chunks
+    if chunk_elements is None:
+        chunk_elements = CPU_CHUNK_ELEMENTS if (dev.type == "cpu" and not grad) else 0
+    total_cols = packed.shape[0]
+    if chunk_elements > 0:
+        max_cols = max(64, min(total_cols, 2048))
+        img_chunk = max(1, chunk_elements // (n_reg * max_cols))
+    else:
+        max_cols, img_chunk = total_cols, n_img
+    pieces = []  # (column offset, caption offset in sorted order, n, l) with whole captions per piece
+    col = 0
+    for s, n, l in groups:
+        per = max(1, max_cols // l)
+        for k in range(0, n, per):
+            m = min(per, n - k)
+            pieces.append((col + k * l, s + k, m, l))
+        col += n * l
+    chunks, cur, cur_cols = [], [], 0  # consecutive pieces packed up to max_cols columns
+    for p in pieces:
+        if cur and cur_cols + p[2] * p[3] > max_cols:
+            chunks.append(cur)
+            cur, cur_cols = [], 0
+        cur.append(p)
+        cur_cols += p[2] * p[3]
+    if cur:
+        chunks.append(cur)
+    res = {k: [] for k in out}
+    t = lse_temperature
+    for i0 in range(0, n_img, img_chunk):
+        ru = region_unit[i0 : i0 + img_chunk]
+        ic = ru.shape[0]
+        rn = region_norms[i0 : i0 + img_chunk]
+        rg = region_gram[i0 : i0 + img_chunk] if t2i else None
+        flat = ru.reshape(ic * n_reg, d)
+        row = {k: [] for k in out}
+        for chunk in chunks:
+            c0 = chunk[0][0]
+            c1 = chunk[-1][0] + chunk[-1][2] * chunk[-1][3]
+            cos_all = wide(flat @ word_unit[c0:c1].T).view(ic, n_reg, c1 - c0)  # CASC Eq. (3)
+            with torch.autocast(dev.type, enabled=False):
+                for off, s, n, l in chunk:
+                    x = cos_all[:, :, off - c0 : off - c0 + n * l].reshape(ic, n_reg, n, l)
+                    g = _group_index(groups, s)
+                    gs = groups[g][0]
+                    wn = word_norms[off : off + n * l].view(n, l)
+                    act = _activation(x, norm)
+                    sq = act * act if norm.endswith("l2") else None
+                    own = act is not x  # act is a scratch tensor we may overwrite
+                    f1 = _query_factor(act, sq, norm, 1, lambda_i2t) if i2t else None
+                    f2 = _query_factor(act, sq, norm, 3, lambda_t2i) if t2i else None
+                    if i2t:
+                        wg = word_grams[g][s - gs : s - gs + n]
+                        z = _logits(x, act, f1, norm, 1, lambda_i2t, out=sq if inplace and sq is not None else None)
+                        row["i2t"].append(_i2t_group(x, z, wn, wg, lambda_i2t, agg, t, inplace))
+                    if t2i:
+                        z = _logits(x, act, f2, norm, 3, lambda_t2i, out=act if inplace and own else None)
+                        row["t2i"].append(_t2i_group(x, z, rn, rg, lambda_t2i, agg, t, inplace))
+        for k in out:
+            res[k].append(torch.cat(row[k], dim=1))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n_cap, device=order.device)
+    return {k: torch.cat(res[k], dim=0)[:, inverse] for k in out}
+
+
+def _group_index(groups: list[tuple[int, int, int]], start: int) -> int:
+    for g, (s, n, _) in enumerate(groups):
+        if s <= start < s + n:
+            return g
+    raise AssertionError("caption outside every length group")
