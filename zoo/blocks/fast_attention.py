@@ -23,6 +23,7 @@ The Gram quadratic forms (||sum_k w_k u_k||^2 = w^T U w) are the reference's; on
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,142 @@ def _t2i_group(x, z, region_norms, region_gram, smooth, agg, t, inplace):
     return _pool(per_word, 2, agg, t)
 
 
+@dataclass(frozen=True)
+class _Config:
+    i2t: bool
+    t2i: bool
+    norm: str
+    lambda_i2t: float
+    lambda_t2i: float
+    agg: str
+    lse_temperature: float
+
+
+_EMPTY = torch.empty(0)
+
+
+def _group_scores(x, wn, wg, rn, rg, cfg: _Config, inplace: bool):
+    """(S_I2T [I, n], S_T2I [I, n]) of one length group, x [I, R, n, l] its cosines (None for an unasked direction).
+
+    inplace=True (no gradient): scratch tensors are overwritten instead of allocated; x itself is never modified.
+    """
+    norm, t = cfg.norm, cfg.lse_temperature
+    act = _activation(x, norm)
+    sq = act * act if norm.endswith("l2") else None
+    own = act is not x  # act is a scratch tensor we may overwrite
+    f1 = _query_factor(act, sq, norm, 1, cfg.lambda_i2t) if cfg.i2t else None
+    f2 = _query_factor(act, sq, norm, 3, cfg.lambda_t2i) if cfg.t2i else None
+    s1 = s2 = None
+    if cfg.i2t:
+        z = _logits(x, act, f1, norm, 1, cfg.lambda_i2t, out=sq if inplace and sq is not None else None)
+        s1 = _i2t_group(x, z, wn, wg, cfg.lambda_i2t, cfg.agg, t, inplace)
+    if cfg.t2i:
+        z = _logits(x, act, f2, norm, 3, cfg.lambda_t2i, out=act if inplace and own else None)
+        s2 = _t2i_group(x, z, rn, rg, cfg.lambda_t2i, cfg.agg, t, inplace)
+    return s1, s2
+
+
+def _act_grad(x: torch.Tensor, norm: str) -> torch.Tensor | float:
+    if norm.startswith("clipped"):
+        return torch.where(x > 0, x.new_ones(()), x.new_full((), 0.1))
+    if norm.startswith("relu"):
+        return (x > 0).to(x.dtype)
+    return 1.0
+
+
+def _pool_grad(p: torch.Tensor, g: torch.Tensor, dim: int, agg: str, t: float) -> torch.Tensor:
+    g = g.unsqueeze(dim)
+    if agg == "mean":
+        return g.expand_as(p) / p.shape[dim]
+    return g * torch.softmax(p * t, dim=dim)
+
+
+def _direction_grad(x, a, sq, g_out, ctx_norms, gram, ctx_dim: int, query_dim: int, smooth: float, agg: str,
+                    t: float):
+    """Backward of one direction for one length group (l2-family score normalisations), recomputing its forward.
+
+    Returns (dX through the weighted sum, dA (grad w.r.t. the activation), d ctx_norms, d gram).
+    """
+    s = sq.sum(query_dim, keepdim=True)
+    live = s > EPS2
+    f = torch.where(live, torch.rsqrt(s.clamp_min(EPS2)), torch.zeros_like(s)) * smooth
+    e = _exp(a * f, ctx_dim, smooth, True)
+    denom = e.sum(ctx_dim)
+    w = e * ctx_norms
+    num = (w * x).sum(ctx_dim)
+    i, r, n, l = x.shape
+    if ctx_dim == 3:
+        tw = torch.einsum("ircj,cjk->irck", w, gram)
+    else:
+        tw = torch.bmm(gram, w.reshape(i, r, n * l)).view(i, r, n, l)
+    quad = (tw * w).sum(ctx_dim)
+    floor = denom * denom * EPS2
+    clamped = quad < floor
+    big_s = torch.maximum(quad, floor)
+    p = num * torch.rsqrt(big_s)
+    pool_dim = 1 if ctx_dim == 3 else 2  # I2T pools over regions (dim 1 of [I, R, n]), T2I over words
+    gp = _pool_grad(p, g_out, pool_dim, agg, t)
+    d_num = gp * torch.rsqrt(big_s)
+    d_s = -0.5 * p * gp / big_s
+    d_quad = torch.where(clamped, torch.zeros_like(d_s), d_s)
+    d_denom = torch.where(clamped, d_s * 2 * EPS2 * denom, torch.zeros_like(d_s))
+    d_num_u, d_quad_u = d_num.unsqueeze(ctx_dim), d_quad.unsqueeze(ctx_dim)
+    dx = d_num_u * w
+    dw = d_num_u * x + 2 * d_quad_u * tw  # gram is symmetric
+    if ctx_dim == 3:
+        d_norms = (dw * e).sum((0, 1))  # [n, l]
+        wq = w * d_quad_u
+        d_gram = torch.einsum("ircj,irck->cjk", wq, w)
+    else:
+        d_norms = (dw * e).sum((2, 3), keepdim=True)  # [I, R, 1, 1]
+        wq = (w * d_quad_u).reshape(i, r, n * l)
+        d_gram = torch.bmm(wq, w.reshape(i, r, n * l).transpose(1, 2))
+    dz = (dw * ctx_norms + d_denom.unsqueeze(ctx_dim)) * e
+    da = dz * f
+    d_f = (dz * a).sum(query_dim, keepdim=True)
+    d_s_q = torch.where(live, -0.5 * f / s.clamp_min(EPS2) * d_f, torch.zeros_like(d_f))
+    da = da + 2 * a * d_s_q
+    return dx, da, d_norms, d_gram
+
+
+class _GroupScores(torch.autograd.Function):
+    """Both directions of one length group with a hand-written backward (l2-family normalisations).
+
+    Autograd through the eager forward keeps ~20 [I, R, n, l] intermediates and runs ~40 passes in the
+    backward; this saves only x and recomputes the forward inside the backward, in image chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wn, wg, rn, rg, cfg: _Config):
+        ctx.cfg = cfg
+        ctx.save_for_backward(x, wn, wg, rn, rg)
+        s1, s2 = _group_scores(x, wn, wg if cfg.i2t else None, rn, rg if cfg.t2i else None, cfg, inplace=True)
+        return (s1 if s1 is not None else x.new_empty(0)), (s2 if s2 is not None else x.new_empty(0))
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        x, wn, wg, rn, rg = ctx.saved_tensors
+        cfg = ctx.cfg
+        a = _activation(x, cfg.norm)
+        sq = a * a
+        da_total = None
+        dx = torch.zeros_like(x)
+        d_wn = d_wg = d_rn = d_rg = None
+        if cfg.i2t:
+            dxi, da, d_wn, d_wg = _direction_grad(x, a, sq, g1, wn, wg, 3, 1, cfg.lambda_i2t, cfg.agg,
+                                                  cfg.lse_temperature)
+            dx += dxi
+            da_total = da
+        if cfg.t2i:
+            dxt, da, d_rn, d_rg = _direction_grad(x, a, sq, g2, rn[:, :, None, None], rg, 1, 3, cfg.lambda_t2i,
+                                                  cfg.agg, cfg.lse_temperature)
+            dx += dxt
+            da_total = da if da_total is None else da_total + da
+            d_rn = d_rn.view(rn.shape)
+        dx += _act_grad(x, cfg.norm) * da_total
+        return dx, d_wn, d_wg, d_rn, d_rg, None
+
+
 def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / |x| (0 for a zero vector), |x|) as in functional.l2_normalize and the reference's .norm()."""
     xf = wide(x)
@@ -170,19 +307,20 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
     grad = torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad)
     inplace = not grad
     order, groups = length_groups(lengths)
-    # packed real words in sorted order: group g occupies columns [offsets[g], offsets[g] + n_g * l_g)
-    sorted_caps = captions[order]
-    packed = torch.cat([sorted_caps[s : s + n, :l].reshape(n * l, d) for s, n, l in groups])
+    # packed real words in sorted order: group g occupies rows [sum of earlier n*l, + n_g * l_g) of `packed`.
+    # One index_select (its backward is one index_add), not a slice per group (a full-size zero tensor each).
+    n_len = captions.shape[1]
+    rows = torch.cat([(order[s : s + n, None] * n_len + torch.arange(l, device=order.device)).reshape(-1)
+                      for s, n, l in groups])
+    packed = captions.reshape(n_cap * n_len, d).index_select(0, rows)
     word_unit, word_norms = _unit(packed)
     region_unit, region_norms = _unit(images)
+    group_sizes = [n * l for _, n, l in groups]
     with torch.autocast(dev.type, enabled=False):
         region_gram = torch.bmm(wide(region_unit), wide(region_unit).transpose(1, 2)) if t2i else None
         word_grams = []
-        col = 0
-        for s, n, l in groups:
-            u = wide(word_unit[col : col + n * l]).view(n, l, d)
-            word_grams.append(torch.bmm(u, u.transpose(1, 2)) if i2t else None)
-            col += n * l
+        for (s, n, l), u in zip(groups, wide(word_unit).split(group_sizes)):
+            word_grams.append(torch.bmm(u.view(n, l, d), u.view(n, l, d).transpose(1, 2)) if i2t else None)
     # chunking: captions in column chunks (whole groups, split when large), images in row chunks
     if chunk_elements is None:
         chunk_elements = CPU_CHUNK_ELEMENTS if (dev.type == "cpu" and not grad) else 0
@@ -221,25 +359,29 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
         for chunk in chunks:
             c0 = chunk[0][0]
             c1 = chunk[-1][0] + chunk[-1][2] * chunk[-1][3]
-            cos_all = wide(flat @ word_unit[c0:c1].T).view(ic, n_reg, c1 - c0)  # CASC Eq. (3)
+            cos_all = wide(flat @ word_unit[c0:c1].T)  # CASC Eq. (3), [ic * R, cols]
+            # split (not slicing): its backward is one concatenation instead of a full-size zero tensor per piece
+            parts = cos_all.split([n * l for _, _, n, l in chunk], dim=1) if len(chunk) > 1 else (cos_all,)
             with torch.autocast(dev.type, enabled=False):
-                for off, s, n, l in chunk:
-                    x = cos_all[:, :, off - c0 : off - c0 + n * l].reshape(ic, n_reg, n, l)
+                for (off, s, n, l), part in zip(chunk, parts):
+                    x = part.view(ic, n_reg, n, l)
+                    if grad and len(chunk) > 1:
+                        x = x.contiguous()  # strided views make every later pass (and its backward) slower
                     g = _group_index(groups, s)
                     gs = groups[g][0]
                     wn = word_norms[off : off + n * l].view(n, l)
-                    act = _activation(x, norm)
-                    sq = act * act if norm.endswith("l2") else None
-                    own = act is not x  # act is a scratch tensor we may overwrite
-                    f1 = _query_factor(act, sq, norm, 1, lambda_i2t) if i2t else None
-                    f2 = _query_factor(act, sq, norm, 3, lambda_t2i) if t2i else None
+                    wg = word_grams[g][s - gs : s - gs + n] if i2t else None
+                    cfg = _Config(i2t, t2i, norm, float(lambda_i2t), float(lambda_t2i), agg, float(t))
+                    if not grad:
+                        s1, s2 = _group_scores(x, wn, wg, rn, rg, cfg, inplace=True)
+                    elif norm.endswith("l2"):  # fused forward/backward, see _GroupScores
+                        s1, s2 = _GroupScores.apply(x, wn, wg if i2t else _EMPTY, rn, rg if t2i else _EMPTY, cfg)
+                    else:
+                        s1, s2 = _group_scores(x, wn, wg, rn, rg, cfg, inplace=False)
                     if i2t:
-                        wg = word_grams[g][s - gs : s - gs + n]
-                        z = _logits(x, act, f1, norm, 1, lambda_i2t, out=sq if inplace and sq is not None else None)
-                        row["i2t"].append(_i2t_group(x, z, wn, wg, lambda_i2t, agg, t, inplace))
+                        row["i2t"].append(s1)
                     if t2i:
-                        z = _logits(x, act, f2, norm, 3, lambda_t2i, out=act if inplace and own else None)
-                        row["t2i"].append(_t2i_group(x, z, rn, rg, lambda_t2i, agg, t, inplace))
+                        row["t2i"].append(s2)
         for k in out:
             res[k].append(torch.cat(row[k], dim=1))
     inverse = torch.empty_like(order)
