@@ -93,7 +93,8 @@ def _logits(x: torch.Tensor, act: torch.Tensor, factor: torch.Tensor | None, nor
             smooth: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """lambda * normalize_scores(s) over the query dim; `out`: scratch buffer to write to (no-grad path)."""
     if norm == "softmax":
-        return torch.softmax(x, dim=query_dim).mul_(smooth)
+        p = torch.softmax(x, dim=query_dim)
+        return p.mul_(smooth) if not torch.is_grad_enabled() else p * smooth
     f = smooth if factor is None else factor
     return torch.mul(act, f, out=out) if out is not None else act * f
 
