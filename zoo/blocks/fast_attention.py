@@ -33,8 +33,8 @@ from .functional import EPS, SCORE_NORMS, wide
 EPS2 = EPS * EPS
 _NO_MAX_BOUND = 80.0  # exp(+-80) is finite and normal in float32: no max-subtraction needed below this
 
-# working-set size (elements of one [Ic, R, cols] float32 chunk) for cache-resident elementwise passes on CPU
-CPU_CHUNK_ELEMENTS = 1 << 19
+# working-set size (elements of one [Ic, R, m, l] float32 slab) for cache-resident elementwise passes on CPU
+CPU_CHUNK_ELEMENTS = 1 << 21  # 8 MB: fits L2+L3; larger chunks = fewer OpenMP regions (matters on a busy machine)
 
 
 def _check(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, norm: str, agg: str) -> None:
@@ -325,6 +325,37 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
     # chunking: captions in column chunks (whole groups, split when large), images in row chunks
     if chunk_elements is None:
         chunk_elements = CPU_CHUNK_ELEMENTS if (dev.type == "cpu" and not grad) else 0
+    cfg = _Config(i2t, t2i, norm, float(lambda_i2t), float(lambda_t2i), agg, float(lse_temperature))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n_cap, device=order.device)
+    if not grad and chunk_elements > 0:
+        # evaluation on the CPU: per length group, image chunks sized so one [ic, R, m, l] slab stays in cache;
+        # few, large ops (each op is an OpenMP region: many small ones stall on a busy machine)
+        res_dtype = torch.promote_types(dtype, torch.float32)
+        res_sorted = {k: torch.empty(n_img, n_cap, dtype=res_dtype, device=dev) for k in out}
+        col = 0
+        for g, (s0, n, l) in enumerate(groups):
+            m_step = max(1, min(n, chunk_elements // (n_reg * l)))  # captions per slab (all, unless huge)
+            for k in range(0, n, m_step):
+                m = min(m_step, n - k)
+                cols = slice(col + k * l, col + (k + m) * l)
+                words_t = word_unit[cols].T
+                wn = word_norms[cols].view(m, l)
+                wg = word_grams[g][k : k + m] if i2t else None
+                ic = max(1, chunk_elements // (n_reg * m * l))
+                for i0 in range(0, n_img, ic):
+                    ru = region_unit[i0 : i0 + ic]
+                    icc = ru.shape[0]
+                    x = wide(ru.reshape(icc * n_reg, d) @ words_t).view(icc, n_reg, m, l)  # CASC Eq. (3)
+                    with torch.autocast(dev.type, enabled=False):
+                        s1, s2 = _group_scores(x, wn, wg, region_norms[i0 : i0 + icc],
+                                               region_gram[i0 : i0 + icc] if t2i else None, cfg, inplace=True)
+                    if i2t:
+                        res_sorted["i2t"][i0 : i0 + icc, s0 + k : s0 + k + m] = s1
+                    if t2i:
+                        res_sorted["t2i"][i0 : i0 + icc, s0 + k : s0 + k + m] = s2
+            col += n * l
+        return {k: v[:, inverse] for k, v in res_sorted.items()}
     total_cols = packed.shape[0]
     if chunk_elements > 0:
         max_cols = max(64, min(total_cols, 2048))
@@ -372,7 +403,6 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
                     gs = groups[g][0]
                     wn = word_norms[off : off + n * l].view(n, l)
                     wg = word_grams[g][s - gs : s - gs + n] if i2t else None
-                    cfg = _Config(i2t, t2i, norm, float(lambda_i2t), float(lambda_t2i), agg, float(t))
                     if not grad:
                         s1, s2 = _group_scores(x, wn, wg, rn, rg, cfg, inplace=True)
                     elif norm.endswith("l2"):  # fused forward/backward, see _GroupScores
@@ -385,8 +415,6 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
                         row["t2i"].append(s2)
         for k in out:
             res[k].append(torch.cat(row[k], dim=1))
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(n_cap, device=order.device)
     return {k: torch.cat(res[k], dim=0)[:, inverse] for k in out}
 
 
