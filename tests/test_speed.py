@@ -247,3 +247,31 @@ def test_bench_registry_is_by_method_class():
         assert bench.BENCHES[Toy].name == "toy"
     finally:
         del bench.BENCHES[Toy]
+
+
+def test_text_encoder_gather_equals_pad_packed_sequence():
+    """BiGRUTextEncoder places packed rows with one gather; the reference is pad_packed_sequence (values and grads)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from zoo.blocks import BiGRUTextEncoder
+    from zoo.blocks.functional import l2_normalize
+
+    torch.manual_seed(0)
+    enc = BiGRUTextEncoder(50, 8, 16).double()
+    lengths = torch.tensor([5, 2, 7, 7, 1, 3])
+    tokens = torch.randint(1, 50, (6, 9))  # total length 9 > longest caption 7: trailing all-padding columns
+    tokens[torch.arange(9)[None] >= lengths[:, None]] = 0
+
+    def reference():
+        packed = pack_padded_sequence(enc.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(enc.rnn(packed)[0], batch_first=True, total_length=9)
+        return l2_normalize((out[..., :16] + out[..., 16:]) / 2)
+
+    weights = torch.rand(16, dtype=torch.float64)
+    got, ref = enc(tokens, lengths), reference()
+    assert got.shape == (6, 9, 16) and torch.allclose(got, ref, atol=1e-14)
+    assert (got[torch.arange(9)[None] >= lengths[:, None]] == 0).all()
+    g_got = torch.autograd.grad((got ** 2 * weights).sum(), list(enc.parameters()))
+    g_ref = torch.autograd.grad((ref ** 2 * weights).sum(), list(enc.parameters()))
+    for a, b in zip(g_got, g_ref):
+        assert torch.allclose(a, b, atol=1e-12)

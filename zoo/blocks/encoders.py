@@ -5,7 +5,7 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from .functional import l2_normalize
 
@@ -48,6 +48,30 @@ class BiGRUTextEncoder(nn.Module):
         x = self.embed(tokens)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
-        out = (out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2
-        return l2_normalize(out) if self.normalize else out
+        # average the directions and normalise on the packed rows (real words only), then place them into the
+        # padded [C, L, d] layout with one gather; padding rows are exact zeros. Same numbers as
+        # pad_packed_sequence + slicing, whose backward copies the whole padded tensor once per time step.
+        data = out.data
+        data = (data[:, : self.embed_dim] + data[:, self.embed_dim :]) / 2
+        if self.normalize:
+            data = l2_normalize(data)
+        index = _padded_index(packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices, tokens.shape[1],
+                              data.shape[0]).to(data.device)
+        data = torch.cat([data, data.new_zeros(1, data.shape[1])])  # row N = the padding
+        return data[index.reshape(-1)].view(tokens.shape[0], tokens.shape[1], -1)
+
+
+def _padded_index(batch_sizes: torch.Tensor, sorted_indices: torch.Tensor | None,
+                  unsorted_indices: torch.Tensor | None, total_length: int, n_rows: int) -> torch.Tensor:
+    """[B, total_length] row of each (sequence, step) in a PackedSequence's data; n_rows for padding."""
+    batch_sizes = batch_sizes.cpu()
+    b = int(batch_sizes[0]) if batch_sizes.numel() else 0
+    steps = batch_sizes.shape[0]
+    starts = torch.cumsum(batch_sizes, 0) - batch_sizes  # first row of each time step
+    rank = torch.arange(b)[:, None]  # position in the length-sorted batch
+    t = torch.arange(total_length)[None, :]
+    valid = (t < steps) & (rank < batch_sizes[t.clamp(max=steps - 1)])
+    index = torch.where(valid, starts[t.clamp(max=steps - 1)] + rank, torch.full_like(rank * t, n_rows))
+    if unsorted_indices is not None:
+        index = index[unsorted_indices.cpu()]
+    return index
