@@ -15,13 +15,12 @@ does materialise attended vectors (needed by CASC Eq. (10) and CCCL Eqs. (17)-(1
 """
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from .functional import aggregate, l2_normalize, wide, lengths_to_mask, normalize_scores, safe_sqrt
+from .functional import (aggregate, l2_normalize, lengths_to_mask, normalize_scores, reference_scoring, safe_sqrt,
+                         use_reference, wide)
 
 
 @dataclass
@@ -133,25 +132,7 @@ def attend(query: torch.Tensor, context: torch.Tensor, *, smooth: float, norm: s
     return torch.bmm(alpha, context), alpha
 
 
-# ---- fast path / slow reference switch ---------------------------------------------------------------
-_reference_depth = 0
-
-
-@contextmanager
-def reference_scoring(enabled: bool = True):
-    """Inside this block cross_attention_similarity (and every method scoring through it) uses the slow reference."""
-    global _reference_depth
-    _reference_depth += 1 if enabled else 0
-    try:
-        yield
-    finally:
-        _reference_depth -= 1 if enabled else 0
-
-
-def use_reference() -> bool:
-    return _reference_depth > 0 or os.environ.get("ZOO_REFERENCE_SCORING", "") not in ("", "0")
-
-
+# ---- fast path / slow reference switch (lives in functional.py so that encoders can honour it too) -------
 def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
                                i2t: bool = True, t2i: bool = True, lambda_i2t: float = 9.0, lambda_t2i: float = 4.0,
                                norm: str = "clipped_l2", agg: str = "mean", lse_temperature: float = 6.0,

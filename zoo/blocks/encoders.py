@@ -5,9 +5,9 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .functional import l2_normalize
+from .functional import l2_normalize, use_reference
 
 
 class RegionEncoder(nn.Module):
@@ -48,6 +48,10 @@ class BiGRUTextEncoder(nn.Module):
         x = self.embed(tokens)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)
+        if use_reference():  # the previous placement, kept as the reference (zoo.blocks.reference_scoring)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+            out = (out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2
+            return l2_normalize(out) if self.normalize else out
         # average the directions and normalise on the packed rows (real words only), then place them into the
         # padded [C, L, d] layout with one gather; padding rows are exact zeros. Same numbers as
         # pad_packed_sequence + slicing, whose backward copies the whole padded tensor once per time step.
