@@ -250,31 +250,49 @@ class _GroupScores(torch.autograd.Function):
     def forward(ctx, x, wn, wg, rn, rg, cfg: _Config):
         ctx.cfg = cfg
         ctx.save_for_backward(x, wn, wg, rn, rg)
-        s1, s2 = _group_scores(x, wn, wg if cfg.i2t else None, rn, rg if cfg.t2i else None, cfg, inplace=True)
-        return (s1 if s1 is not None else x.new_empty(0)), (s2 if s2 is not None else x.new_empty(0))
+        s1, s2 = [], []
+        for sl in _image_slabs(x):
+            a, b = _group_scores(x[sl], wn, wg if cfg.i2t else None, rn[sl], rg[sl] if cfg.t2i else None, cfg,
+                                 inplace=True)
+            s1.append(a)
+            s2.append(b)
+        return (torch.cat(s1) if cfg.i2t else x.new_empty(0)), (torch.cat(s2) if cfg.t2i else x.new_empty(0))
 
     @staticmethod
     def backward(ctx, g1, g2):
         x, wn, wg, rn, rg = ctx.saved_tensors
         cfg = ctx.cfg
-        a = _activation(x, cfg.norm)
-        sq = a * a
-        da_total = None
-        dx = torch.zeros_like(x)
-        d_wn = d_wg = d_rn = d_rg = None
-        if cfg.i2t:
-            dxi, da, d_wn, d_wg = _direction_grad(x, a, sq, g1, wn, wg, 3, 1, cfg.lambda_i2t, cfg.agg,
-                                                  cfg.lse_temperature)
-            dx += dxi
-            da_total = da
-        if cfg.t2i:
-            dxt, da, d_rn, d_rg = _direction_grad(x, a, sq, g2, rn[:, :, None, None], rg, 1, 3, cfg.lambda_t2i,
-                                                  cfg.agg, cfg.lse_temperature)
-            dx += dxt
-            da_total = da if da_total is None else da_total + da
-            d_rn = d_rn.view(rn.shape)
-        dx += _act_grad(x, cfg.norm) * da_total
+        dx = torch.empty_like(x)
+        d_wn = torch.zeros_like(wn) if cfg.i2t else None
+        d_wg = torch.zeros_like(wg) if cfg.i2t else None
+        d_rn = torch.zeros_like(rn) if cfg.t2i else None
+        d_rg = torch.zeros_like(rg) if cfg.t2i else None
+        for sl in _image_slabs(x):  # images are independent: cache-sized slabs on the CPU
+            xs = x[sl]
+            a = _activation(xs, cfg.norm)
+            sq = a * a
+            dxs = da_total = None
+            if cfg.i2t:
+                dxs, da_total, dn, dg = _direction_grad(xs, a, sq, g1[sl], wn, wg, 3, 1, cfg.lambda_i2t, cfg.agg,
+                                                        cfg.lse_temperature)
+                d_wn += dn
+                d_wg += dg
+            if cfg.t2i:
+                dxt, da, dn, dg = _direction_grad(xs, a, sq, g2[sl], rn[sl][:, :, None, None], rg[sl], 1, 3,
+                                                  cfg.lambda_t2i, cfg.agg, cfg.lse_temperature)
+                dxs = dxt if dxs is None else dxs.add_(dxt)
+                da_total = da if da_total is None else da_total.add_(da)
+                d_rn[sl] = dn.view(-1, rn.shape[1])
+                d_rg[sl] = dg
+            dx[sl] = dxs.add_(da_total.mul_(_act_grad(xs, cfg.norm)))
         return dx, d_wn, d_wg, d_rn, d_rg, None
+
+
+def _image_slabs(x: torch.Tensor) -> list[slice]:
+    """Image ranges of x [I, R, n, l] of about CPU_CHUNK_ELEMENTS each on the CPU (one range on a GPU)."""
+    per_image = max(1, x[0].numel())
+    step = x.shape[0] if x.device.type != "cpu" else max(1, CPU_CHUNK_ELEMENTS // per_image)
+    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
 
 
 def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
