@@ -102,11 +102,14 @@ def _bigru_mean_packed(rnn: nn.GRU, data: torch.Tensor, batch_sizes: list[int]) 
     h_size = rnn.hidden_size
     w_ih = torch.cat([rnn.weight_ih_l0, rnn.weight_ih_l0_reverse])
     b_ih = torch.cat([rnn.bias_ih_l0, rnn.bias_ih_l0_reverse])
-    gi_f, gi_b = torch.addmm(b_ih, data, w_ih.t()).split(3 * h_size, dim=1)  # input projections, all steps
-    steps_f, steps_b = gi_f.split(batch_sizes), gi_b.split(batch_sizes)
-    out_f = _gru_steps(steps_f, rnn.weight_hh_l0, rnn.bias_hh_l0, batch_sizes, reverse=False)
-    out_b = _gru_steps(steps_b, rnn.weight_hh_l0_reverse, rnn.bias_hh_l0_reverse, batch_sizes, reverse=True)
-    return (out_f + out_b) / 2
+    gi = torch.addmm(b_ih, data, w_ih.t())  # input projections of all steps (bf16 under autocast, like a Linear)
+    # the recurrence runs in the weights' dtype (float32 under autocast: a bf16 state would round at every step)
+    with torch.autocast(data.device.type, enabled=False):
+        gi_f, gi_b = gi.to(rnn.weight_hh_l0.dtype).split(3 * h_size, dim=1)
+        steps_f, steps_b = gi_f.split(batch_sizes), gi_b.split(batch_sizes)
+        out_f = _gru_steps(steps_f, rnn.weight_hh_l0, rnn.bias_hh_l0, batch_sizes, reverse=False)
+        out_b = _gru_steps(steps_b, rnn.weight_hh_l0_reverse, rnn.bias_hh_l0_reverse, batch_sizes, reverse=True)
+        return (out_f + out_b) / 2
 
 
 def _gru_steps(gi: tuple[torch.Tensor, ...], w_hh: torch.Tensor, b_hh: torch.Tensor, batch_sizes: list[int],

@@ -22,7 +22,6 @@ The Gram quadratic forms (||sum_k w_k u_k||^2 = w^T U w) are the reference's; on
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -312,7 +311,8 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
 
     Same arguments and results as the reference `attention.i2t_similarity` / `t2i_similarity`
     (smooth = lambda_i2t / lambda_t2i). chunk_elements: working-set size of one chunk (None = a cache-sized
-    default on CPU when no gradient is needed, whole block otherwise).
+    default on CPU when no gradient is needed; 0 = whole block; ignored when a gradient is needed: the fused
+    backward walks image slabs itself).
     """
     _check(images, captions, lengths, norm, agg)
     n_img, n_reg, d = images.shape
@@ -340,7 +340,7 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
         word_grams = []
         for (s, n, l), u in zip(groups, wide(word_unit).split(group_sizes)):
             word_grams.append(torch.bmm(u.view(n, l, d), u.view(n, l, d).transpose(1, 2)) if i2t else None)
-    # chunking: captions in column chunks (whole groups, split when large), images in row chunks
+    # CPU evaluation walks cache-sized slabs; training and GPUs take the whole block
     if chunk_elements is None:
         chunk_elements = CPU_CHUNK_ELEMENTS if (dev.type == "cpu" and not grad) else 0
     cfg = _Config(i2t, t2i, norm, float(lambda_i2t), float(lambda_t2i), agg, float(lse_temperature))
@@ -374,70 +374,26 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
                         res_sorted["t2i"][i0 : i0 + icc, s0 + k : s0 + k + m] = s2
             col += n * l
         return {k: v[:, inverse] for k, v in res_sorted.items()}
-    total_cols = packed.shape[0]
-    if chunk_elements > 0:
-        max_cols = max(64, min(total_cols, 2048))
-        img_chunk = max(1, chunk_elements // (n_reg * max_cols))
-    else:
-        max_cols, img_chunk = total_cols, n_img
-    pieces = []  # (column offset, caption offset in sorted order, n, l) with whole captions per piece
-    col = 0
-    for s, n, l in groups:
-        per = max(1, max_cols // l)
-        for k in range(0, n, per):
-            m = min(per, n - k)
-            pieces.append((col + k * l, s + k, m, l))
-        col += n * l
-    chunks, cur, cur_cols = [], [], 0  # consecutive pieces packed up to max_cols columns
-    for p in pieces:
-        if cur and cur_cols + p[2] * p[3] > max_cols:
-            chunks.append(cur)
-            cur, cur_cols = [], 0
-        cur.append(p)
-        cur_cols += p[2] * p[3]
-    if cur:
-        chunks.append(cur)
+    # the whole block at once: training (the fused backward walks image slabs itself) and GPUs
+    cos_all = wide(region_unit.reshape(n_img * n_reg, d) @ word_unit.T)  # CASC Eq. (3), [I * R, W]
+    # split (not slicing): its backward is one concatenation instead of a full-size zero tensor per group
+    parts = cos_all.split(group_sizes, dim=1)
     res = {k: [] for k in out}
-    t = lse_temperature
-    for i0 in range(0, n_img, img_chunk):
-        ru = region_unit[i0 : i0 + img_chunk]
-        ic = ru.shape[0]
-        rn = region_norms[i0 : i0 + img_chunk]
-        rg = region_gram[i0 : i0 + img_chunk] if t2i else None
-        flat = ru.reshape(ic * n_reg, d)
-        row = {k: [] for k in out}
-        for chunk in chunks:
-            c0 = chunk[0][0]
-            c1 = chunk[-1][0] + chunk[-1][2] * chunk[-1][3]
-            cos_all = wide(flat @ word_unit[c0:c1].T)  # CASC Eq. (3), [ic * R, cols]
-            # split (not slicing): its backward is one concatenation instead of a full-size zero tensor per piece
-            parts = cos_all.split([n * l for _, _, n, l in chunk], dim=1) if len(chunk) > 1 else (cos_all,)
-            with torch.autocast(dev.type, enabled=False):
-                for (off, s, n, l), part in zip(chunk, parts):
-                    x = part.view(ic, n_reg, n, l)
-                    if grad and len(chunk) > 1:
-                        x = x.contiguous()  # strided views make every later pass (and its backward) slower
-                    g = _group_index(groups, s)
-                    gs = groups[g][0]
-                    wn = word_norms[off : off + n * l].view(n, l)
-                    wg = word_grams[g][s - gs : s - gs + n] if i2t else None
-                    if not grad:
-                        s1, s2 = _group_scores(x, wn, wg, rn, rg, cfg, inplace=True)
-                    elif norm.endswith("l2"):  # fused forward/backward, see _GroupScores
-                        s1, s2 = _GroupScores.apply(x, wn, wg if i2t else _EMPTY, rn, rg if t2i else _EMPTY, cfg)
-                    else:
-                        s1, s2 = _group_scores(x, wn, wg, rn, rg, cfg, inplace=False)
-                    if i2t:
-                        row["i2t"].append(s1)
-                    if t2i:
-                        row["t2i"].append(s2)
-        for k in out:
-            res[k].append(torch.cat(row[k], dim=1))
-    return {k: torch.cat(res[k], dim=0)[:, inverse] for k in out}
-
-
-def _group_index(groups: list[tuple[int, int, int]], start: int) -> int:
-    for g, (s, n, _) in enumerate(groups):
-        if s <= start < s + n:
-            return g
-    raise AssertionError("caption outside every length group")
+    with torch.autocast(dev.type, enabled=False):
+        for (s, n, l), part, wn, wg in zip(groups, parts, word_norms.split(group_sizes), word_grams):
+            x = part.view(n_img, n_reg, n, l)
+            if grad and len(groups) > 1:
+                x = x.contiguous()  # saved for the backward: strided views make every pass there slower
+            wn = wn.view(n, l)
+            if not grad:
+                s1, s2 = _group_scores(x, wn, wg, region_norms, region_gram, cfg, inplace=True)
+            elif norm.endswith("l2"):  # fused forward/backward, see _GroupScores
+                s1, s2 = _GroupScores.apply(x, wn, wg if i2t else _EMPTY, region_norms,
+                                            region_gram if t2i else _EMPTY, cfg)
+            else:
+                s1, s2 = _group_scores(x, wn, wg, region_norms, region_gram, cfg, inplace=False)
+            if i2t:
+                res["i2t"].append(s1)
+            if t2i:
+                res["t2i"].append(s2)
+    return {k: torch.cat(v, dim=1)[:, inverse] for k, v in res.items()}
