@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device(args.device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    import os
+
+    card += f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}" if dev.type == "cpu" else ""
     print(f"zoo.bench: device={dev} ({card}) dtype={args.dtype} torch={torch.__version__}; best of {args.repeats}, "
           "fast and reference interleaved; ratio = reference time / fast time", flush=True)
     rows: list[Row] = []
