@@ -168,9 +168,10 @@ def test_auto_blocks_fit_memory_and_cap():
     assert pair_cost(img, cap) == 36 * 13
     allocated = 3 * gib  # embeddings already on the card
     result = 5000 * 25000 * 4 * 2
+    per_cap, per_img = 3 * 13 * 1024 * 4, 3 * 36 * 1024 * 4  # packed/unit copies of the block's inputs
     for free in (80 * gib, 20 * gib, 2 * gib):
         ib, cb = auto_blocks(img, cap, "cuda", free_bytes=free, allocated_bytes=allocated)
-        block = ib * cb * per_pair
+        block = ib * cb * per_pair + cb * per_cap + ib * per_img
         assert block <= 0.8 * free
         assert allocated + result + block <= 16 * gib  # the COCO-5K evaluation stays under 16 GB
         assert 1 <= ib <= 5000 and 1 <= cb <= 25000

@@ -120,7 +120,8 @@ def auto_blocks(img: Emb, cap: Emb, device: torch.device | str | None = None, *,
                 copies: int = WORKING_COPIES) -> tuple[int, int]:
     """(image_block, caption_block) for score_blockwise from the memory available.
 
-    GPU: the block's working set (pairs x pair_cost x 4 bytes x `copies`) gets at most 80 % of the free memory
+    GPU: the block's working set (pairs x pair_cost x 4 bytes x `copies`, plus 3 float32 copies of the block's
+    captions and images: packed/unit words, unit regions) gets at most 80 % of the free memory
     (torch.cuda.mem_get_info) and at most cap_bytes minus what is already allocated (embeddings) and the
     [I, C] float32 result, so the evaluation's peak stays under cap_bytes (16 GB). CPU: a 1 GB working set
     (the fast path then walks each block in cache-sized chunks). free_bytes / allocated_bytes override the
@@ -140,10 +141,26 @@ def auto_blocks(img: Emb, cap: Emb, device: torch.device | str | None = None, *,
         budget = min(0.8 * free_bytes, cap_bytes - allocated_bytes - result)
     else:
         budget = CPU_BLOCK_BYTES
+    # per-item copies a scorer makes of its block's inputs (packed / unit words, unit regions, Grams): 3 each
+    per_cap, per_img = 3 * _item_bytes(cap, cap.get("lengths")), 3 * _item_bytes(img, None)
     pairs = max(1, int(budget // per_pair))
-    caption_block = max(1, min(n_cap, pairs // min(16, max(1, n_img))))
-    image_block = max(1, min(n_img, pairs // caption_block))
+    caption_block = max(1, min(n_cap, pairs // min(16, max(1, n_img)), int(budget // 4 // max(1, per_cap))))
+    left = budget - caption_block * per_cap
+    image_block = max(1, min(n_img, int(left // (caption_block * per_pair + per_img))))
     return image_block, caption_block
+
+
+def _item_bytes(emb: Emb, lengths: torch.Tensor | None) -> float:
+    """float32 bytes of one item's per-row tensors (rows = real words when lengths are given)."""
+    total = 0.0
+    for k, v in emb.items():
+        if k == "lengths" or not v.is_floating_point():
+            continue
+        per = float(v[0].numel()) if v.shape[0] else 0.0
+        if lengths is not None and lengths.numel() and v.dim() >= 3:
+            per = per / v.shape[1] * float(lengths.float().mean())
+        total += per * 4
+    return total
 
 
 def score_blockwise(score: Callable[[Emb, Emb], torch.Tensor], img: Emb, cap: Emb, image_block: int | None,
