@@ -27,8 +27,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Fast path next to the slow reference (pairs/s, ms per training step, peak memory, ratio); e.g.
+# make bench BENCH_ARGS="--threads 1 --images 200 --train-batch 64"   (see docs/speed.md)
+# OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning at barriers; on a shared (oversubscribed)
+# CPU spinning threads stall every op, the many mid-sized ops of the fast path most (docs/speed.md).
 bench: $(STAMP)
-	$(BIN)/python -m zoo.bench
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m zoo.bench $(BENCH_ARGS)
 
 # After `make demo`: where each word of a test caption looks (T2I attention over the region boxes).
 attention: $(STAMP)

@@ -72,13 +72,21 @@ def gather_and_order(emb: Emb, ids: torch.Tensor, expected: int, what: str) -> E
     return {k: v[order] for k, v in emb.items()}
 
 
+def _word_indexed(v: torch.Tensor) -> bool:
+    return v.dim() >= 3 or (v.dim() == 2 and not v.is_floating_point())
+
+
 def trim_padding(cap: Emb) -> Emb:
-    """Cuts caption tensors down to the longest caption of this block (dims that had the old max length)."""
+    """Cuts caption tensors down to the longest caption of this block (dims that had the old max length).
+
+    Word-indexed tensors are [C, L, ...] features/graphs or [C, L] integer/bool ids and masks; a 2-D floating
+    tensor is a per-caption vector [C, d] and is never cut, even when d happens to equal the longest length.
+    """
     if "lengths" not in cap:
         return cap
     old = None
     for k, v in cap.items():
-        if k != "lengths" and v.dim() >= 2:
+        if k != "lengths" and _word_indexed(v):
             old = v.shape[1]
             break
     new = int(cap["lengths"].max())
@@ -86,6 +94,9 @@ def trim_padding(cap: Emb) -> Emb:
         return cap
     out = {}
     for k, v in cap.items():
+        if not _word_indexed(v):
+            out[k] = v
+            continue
         sl = [slice(None)] * v.dim()
         for d in range(1, min(v.dim(), 3)):
             if v.shape[d] == old:
@@ -94,16 +105,93 @@ def trim_padding(cap: Emb) -> Emb:
     return out
 
 
-def score_blockwise(score: Callable[[Emb, Emb], torch.Tensor], img: Emb, cap: Emb, image_block: int,
-                    caption_block: int, progress: bool = False, desc: str = "scoring") -> torch.Tensor:
+# ---- block sizes --------------------------------------------------------------------------------------
+GPU_PEAK_CAP_BYTES = 16 * 2**30  # a COCO-5K evaluation stays under this on any card, whatever the gallery
+CPU_BLOCK_BYTES = 1 * 2**30  # working set of one block on the CPU
+WORKING_COPIES = 8  # live float32 [block pairs x R x L] tensors of the fast path (the reference keeps more)
+
+
+def pair_cost(img: Emb, cap: Emb) -> int:
+    """Elements per (image, caption) pair of a pair-dependent scorer: rows of an image x rows of a caption.
+
+    Rows are dim 1 of the first >= 3-d tensor of each side (regions, words); 1 for global vectors. For word
+    sequences the mean real length is used (the fast path buckets captions by exact length).
+    """
+    def rows(emb: Emb, lengths: torch.Tensor | None) -> float:
+        for v in emb.values():
+            if v.dim() >= 3:
+                return float(lengths.float().mean()) if lengths is not None and lengths.numel() else v.shape[1]
+        return 1.0
+
+    return max(1, int(round(rows(img, None) * rows(cap, cap.get("lengths")))))
+
+
+def auto_blocks(img: Emb, cap: Emb, device: torch.device | str | None = None, *, free_bytes: int | None = None,
+                allocated_bytes: int | None = None, cap_bytes: int = GPU_PEAK_CAP_BYTES,
+                copies: int = WORKING_COPIES) -> tuple[int, int]:
+    """(image_block, caption_block) for score_blockwise from the memory available.
+
+    GPU: the block's working set (pairs x pair_cost x 4 bytes x `copies`, plus 3 float32 copies of the block's
+    captions and images: packed/unit words, unit regions) gets at most 80 % of the free memory
+    (torch.cuda.mem_get_info) and at most cap_bytes minus what is already allocated (embeddings) and the
+    [I, C] float32 result, so the evaluation's peak stays under cap_bytes (16 GB). CPU: a 1 GB working set
+    (the fast path then walks each block in cache-sized chunks). free_bytes / allocated_bytes override the
+    measured figures (tests). Captions get the long side (at least 16 images per block when possible) so that
+    length buckets stay large.
+    """
+    device = torch.device(device) if device is not None else next(iter(img.values())).device
+    n_img = next(iter(img.values())).shape[0]
+    n_cap = next(iter(cap.values())).shape[0]
+    per_pair = pair_cost(img, cap) * 4 * copies
+    if device.type == "cuda" or free_bytes is not None:
+        if free_bytes is None:
+            free_bytes = torch.cuda.mem_get_info(device)[0]
+        if allocated_bytes is None:
+            allocated_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        result = n_img * n_cap * 4 * 2  # sims, plus its reordered copy
+        budget = min(0.8 * free_bytes, cap_bytes - allocated_bytes - result)
+    else:
+        budget = CPU_BLOCK_BYTES
+    # per-item copies a scorer makes of its block's inputs (packed / unit words, unit regions, Grams): 3 each
+    per_cap, per_img = 3 * _item_bytes(cap, cap.get("lengths")), 3 * _item_bytes(img, None)
+    pairs = max(1, int(budget // per_pair))
+    caption_block = max(1, min(n_cap, pairs // min(16, max(1, n_img)), int(budget // 4 // max(1, per_cap))))
+    left = budget - caption_block * per_cap
+    image_block = max(1, min(n_img, int(left // (caption_block * per_pair + per_img))))
+    return image_block, caption_block
+
+
+def _item_bytes(emb: Emb, lengths: torch.Tensor | None) -> float:
+    """float32 bytes of one item's per-row tensors (rows = real words when lengths are given)."""
+    total = 0.0
+    for k, v in emb.items():
+        if k == "lengths" or not v.is_floating_point():
+            continue
+        per = float(v[0].numel()) if v.shape[0] else 0.0
+        if lengths is not None and lengths.numel() and v.dim() >= 3:
+            per = per / v.shape[1] * float(lengths.float().mean())
+        total += per * 4
+    return total
+
+
+def score_blockwise(score: Callable[[Emb, Emb], torch.Tensor], img: Emb, cap: Emb, image_block: int | None,
+                    caption_block: int | None, progress: bool = False, desc: str = "scoring") -> torch.Tensor:
     """sims [I, C] from a pairwise scorer, never a Python loop over single captions.
 
-    Captions are visited in length order so each block carries as little padding as possible.
+    Captions are visited in length order so each block carries as little padding as possible (and a scorer
+    that buckets by length gets long runs of equal lengths). Block sizes of 0/None are chosen by auto_blocks;
+    on a GPU the given sizes are upper bounds, shrunk to what auto_blocks allows, so that no recipe's fixed
+    sizes can exceed the memory cap.
     """
     n_img = next(iter(img.values())).shape[0]
     n_cap = next(iter(cap.values())).shape[0]
+    device = next(iter(img.values())).device
+    if not image_block or not caption_block or device.type == "cuda":
+        auto_i, auto_c = auto_blocks(img, cap, device)
+        image_block = min(image_block, auto_i) if image_block else auto_i
+        caption_block = min(caption_block, auto_c) if caption_block else auto_c
     if "lengths" in cap:
-        order = torch.argsort(cap["lengths"], descending=True)
+        order = torch.argsort(cap["lengths"], descending=True, stable=True)
         cap = {k: v[order] for k, v in cap.items()}
     else:
         order = None

@@ -10,6 +10,7 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | CASC  | (4)/(6) attention weights, lambda      | attention.attention_weights (+ attend)        |
 | CASC  | (5) S_I2T, mean over regions           | attention.i2t_similarity                      |
 | CASC  | (7) S_T2I, mean over words             | attention.t2i_similarity                      |
+| CASC  | (3)-(7) both directions, fast path     | fast_attention.cross_attention_similarity (via attention.cross_attention_similarity) |
 | CASC  | (8)-(9) hardest-negative triplet loss  | losses.triplet_ranking_loss                   |
 | CASC  | (10) global attention vectors A^I, A^T | semantic.global_attention_weights (+ block_/paired_global_weights) |
 | CASC  | label head d -> 512 -> K (tanh)        | semantic.LabelHead (+ pair_label_logits)      |
@@ -37,14 +38,15 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | CCCL  | (32) F = mean of branch scores         | vsf.fuse_scores                               |
 | CCCL  | (33)-(34) hybrid loss                  | coherence.hybrid_loss                         |
 """
-from .attention import (RegionWordScores, attend, attention_weights, i2t_similarity, region_word_scores,
-                        t2i_similarity)
+from .attention import (RegionWordScores, attend, attention_weights, cross_attention_similarity, i2t_similarity,
+                        reference_scoring, region_word_scores, t2i_similarity)
 from .encoders import BiGRUTextEncoder, RegionEncoder
 from .functional import aggregate, l2_normalize, lengths_to_mask, normalize_scores, safe_sqrt
 from .losses import triplet_ranking_loss
 
 __all__ = [
-    "RegionWordScores", "attend", "attention_weights", "i2t_similarity", "region_word_scores", "t2i_similarity",
+    "RegionWordScores", "attend", "attention_weights", "cross_attention_similarity", "reference_scoring",
+    "i2t_similarity", "region_word_scores", "t2i_similarity",
     "BiGRUTextEncoder", "RegionEncoder", "aggregate", "l2_normalize", "lengths_to_mask", "normalize_scores",
     "safe_sqrt", "triplet_ranking_loss",
 ]

@@ -1,5 +1,12 @@
 """SCAN-style cross attention between image regions and words (CASC Sec. III-B, Eqs. (3)-(7)).
 
+`cross_attention_similarity` is the entry point methods use: it runs the fast path
+(`fast_attention.cross_attention_similarity`: captions bucketed by exact length, one shared contraction,
+softmax folded into the cosine) unless the slow reference is asked for (`reference=True`, inside
+`with reference_scoring():`, or with the environment variable ZOO_REFERENCE_SCORING=1). The reference is
+`region_word_scores` + `i2t_similarity` / `t2i_similarity` below, unchanged, and the fast path is tested
+against it (tests/test_speed.py).
+
 All pairwise functions take images [I, R, d], captions [C, L, d] and caption lengths [C] and return
 similarities [I, C]. They never materialise the attended vectors of every (image, caption) pair:
 cos(q, sum_k a_k c_k) = sum_k a_k (q . c_k) / (|q| sqrt(a^T G a)), with G the Gram matrix of the
@@ -12,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .functional import aggregate, l2_normalize, wide, lengths_to_mask, normalize_scores, safe_sqrt
+from .functional import (aggregate, l2_normalize, lengths_to_mask, normalize_scores, reference_scoring, safe_sqrt,
+                         use_reference, wide)
 
 
 @dataclass
@@ -122,3 +130,32 @@ def attend(query: torch.Tensor, context: torch.Tensor, *, smooth: float, norm: s
     cos = torch.einsum("bqd,bkd->bqk", l2_normalize(query), l2_normalize(context))
     alpha = attention_weights(cos, qm[:, :, None], km[:, None, :], smooth, norm)
     return torch.bmm(alpha, context), alpha
+
+
+# ---- fast path / slow reference switch (lives in functional.py so that encoders can honour it too) -------
+def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
+                               i2t: bool = True, t2i: bool = True, lambda_i2t: float = 9.0, lambda_t2i: float = 4.0,
+                               norm: str = "clipped_l2", agg: str = "mean", lse_temperature: float = 6.0,
+                               reference: bool | None = None, agg_i2t: str | None = None,
+                               agg_t2i: str | None = None) -> dict[str, torch.Tensor]:
+    """CASC Eqs. (3)-(7) for every image-caption pair: {'i2t': S_I2T [I, C], 't2i': S_T2I [I, C]} (asked ones).
+
+    agg_i2t / agg_t2i: per-direction pooling (None = agg).
+    reference: True = the slow reference path, False = the fast path, None = fast unless reference_scoring()
+    or ZOO_REFERENCE_SCORING=1 say otherwise.
+    """
+    if reference is None:
+        reference = use_reference()
+    if not reference:
+        from .fast_attention import cross_attention_similarity as fast
+
+        return fast(images, captions, lengths, i2t=i2t, t2i=t2i, lambda_i2t=lambda_i2t, lambda_t2i=lambda_t2i,
+                    norm=norm, agg=agg, lse_temperature=lse_temperature, agg_i2t=agg_i2t, agg_t2i=agg_t2i)
+    sc = region_word_scores(images, captions, lengths)
+    kw = dict(norm=norm, lse_temperature=lse_temperature, scores=sc)
+    out = {}
+    if i2t:
+        out["i2t"] = i2t_similarity(None, None, None, smooth=lambda_i2t, agg=agg_i2t or agg, **kw)
+    if t2i:
+        out["t2i"] = t2i_similarity(None, None, None, smooth=lambda_t2i, agg=agg_t2i or agg, **kw)
+    return out

@@ -7,10 +7,33 @@ are taken in float32 even under fp16/bf16 autocast: in fp16 they overflow (> 655
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
 EPS = 1e-8
+
+_reference_depth = 0
+
+
+@contextmanager
+def reference_scoring(enabled: bool = True):
+    """Inside this block every fast path with a kept slow reference runs the reference instead.
+
+    (cross-attention scoring, and the text encoder's output placement); also ZOO_REFERENCE_SCORING=1.
+    """
+    global _reference_depth
+    _reference_depth += 1 if enabled else 0
+    try:
+        yield
+    finally:
+        _reference_depth -= 1 if enabled else 0
+
+
+def use_reference() -> bool:
+    return _reference_depth > 0 or os.environ.get("ZOO_REFERENCE_SCORING", "") not in ("", "0")
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:

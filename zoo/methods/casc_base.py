@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ..blocks import BiGRUTextEncoder, RegionEncoder, i2t_similarity, region_word_scores, t2i_similarity
 from datamodules.errors import DataError
 
+from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity
 from ..module import Emb, RetrievalModule
 
 
@@ -62,14 +62,13 @@ class CASCBase(RetrievalModule):
         return {"words": self.text_encoder(batch["tokens"], batch["lengths"]), "lengths": batch["lengths"]}
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        # fast path by default; `with zoo.blocks.reference_scoring():` runs the slow reference (same numbers)
         hp = self.hparams
-        sc = region_word_scores(img["regions"], cap["words"], cap["lengths"])
-        kw = dict(norm=hp.score_norm, lse_temperature=hp.lse_temperature, scores=sc)
-        agg_i2t = hp.get("aggregation_i2t") or hp.aggregation
-        agg_t2i = hp.get("aggregation_t2i") or hp.aggregation
-        if hp.direction == "i2t":
-            return i2t_similarity(None, None, None, smooth=hp.lambda_i2t, agg=agg_i2t, **kw)
-        if hp.direction == "t2i":
-            return t2i_similarity(None, None, None, smooth=hp.lambda_t2i, agg=agg_t2i, **kw)
-        return 0.5 * (i2t_similarity(None, None, None, smooth=hp.lambda_i2t, agg=agg_i2t, **kw)
-                      + t2i_similarity(None, None, None, smooth=hp.lambda_t2i, agg=agg_t2i, **kw))
+        s = cross_attention_similarity(img["regions"], cap["words"], cap["lengths"], i2t=hp.direction != "t2i",
+                                       t2i=hp.direction != "i2t", lambda_i2t=hp.lambda_i2t,
+                                       lambda_t2i=hp.lambda_t2i, norm=hp.score_norm, agg=hp.aggregation,
+                                       agg_i2t=hp.get("aggregation_i2t"), agg_t2i=hp.get("aggregation_t2i"),
+                                       lse_temperature=hp.lse_temperature)
+        if hp.direction == "both":
+            return 0.5 * (s["i2t"] + s["t2i"])
+        return s[hp.direction]
