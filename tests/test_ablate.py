@@ -95,7 +95,10 @@ def test_real_data_missing_is_a_clear_error(tmp_path, capsys):
 def test_checkpoints_are_pointed_at_the_row_folder(tmp_path):
     row = tmp_path / "row.yaml"
     row.write_text("model: {}\n")
-    cbs = checkpoint_callbacks(RECIPES / "casc_base_synth.yaml", row, tmp_path / "r")
+    plain = tmp_path / "plain.yaml"  # a user's recipe with Lightning's own ModelCheckpoint
+    plain.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                     "      init_args: {monitor: val/rsum, mode: max}\n")
+    cbs = checkpoint_callbacks(plain, row, tmp_path / "r")
     ckpt = [c for c in cbs if c["class_path"].endswith("ModelCheckpoint")][0]["init_args"]
     assert ckpt["dirpath"] == str(tmp_path / "r" / "checkpoints") and ckpt["save_last"] is True
     assert ckpt["filename"] == "best" and ckpt["monitor"] == "val/rsum"
