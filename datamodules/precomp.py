@@ -12,11 +12,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from .datasets import CaptionPairs, ImageWithCaptions, collate
 from .errors import DataError
-from .layout import SplitData, check_root, load_split, scan_features_cached, split_paths
+from .layout import SplitData, check_root, load_split, read_captions, scan_features_cached, split_paths
 from .prepare import (ParseTable, cache_lock, captions_digest, ensure_parsed, load_or_build_vocab, parse_is_current,
                       parse_path, read_parse_meta, vocab_filename, vocab_is_current)
 from .labels import LabelVocabulary, check_lemmatize, load_or_build
-from .layout import read_captions
 from .text import Vocabulary
 
 
@@ -105,6 +104,7 @@ class PrecompDataModule(L.LightningDataModule):
         self.auto_prepare = auto_prepare
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self._vocab: Vocabulary | None = None
+        self._prepared = False  # prepare_data ran in this process (its checks read every caption file)
         self._data: dict[str, SplitData] = {}
         self._datasets: dict[str, object] = {}
 
@@ -127,6 +127,7 @@ class PrecompDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Runs on one process per node: builds what is missing or stale (vocabulary, parses)."""
+        self._prepared = True
         self._check_root()
         if self.explicit_vocab:
             if not self.vocab_path.is_file():  # never build a vocabulary at a mistyped path
@@ -218,8 +219,8 @@ class PrecompDataModule(L.LightningDataModule):
     @property
     def vocab(self) -> Vocabulary:
         if self._vocab is None:
-            if not self.vocab_path.exists() or not self.explicit_vocab:
-                self.prepare_data()  # used outside a Trainer; also refreshes a stale default vocabulary
+            if not self._prepared:  # used outside a Trainer (or on a rank that did not prepare)
+                self.prepare_data()
             vocab = Vocabulary.load(self.vocab_path)
             caps = split_paths(self.root, self.splits["fit"])["caps"]
             if self.explicit_vocab and vocab.meta is not None and caps.exists() \

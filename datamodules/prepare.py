@@ -199,16 +199,15 @@ def ensure_parsed(root: str | Path, cache_dir: str | Path, split: str, backend: 
 def check_split(root: str | Path, split: str, caps_per_image: int = 5, progress: bool = True) -> list[str]:
     """`--check-features`: full scan of a split's features: NaN/Inf rows are an error; all-zero and absurdly
     large rows come back as warnings; a repeated-rows release has every group of rows checked."""
-    from .layout import check_repeated_rows, open_npy, scan_features
+    from .layout import check_repeated_rows, open_npy
 
     paths = split_paths(root, split)
-    scan = scan_features(paths["ims"], progress=progress)
-    scan.raise_if_bad(paths["ims"])
+    warnings = check_features(paths["ims"], progress=progress)
     feats = open_npy(paths["ims"])
     n_caps = len(read_captions(paths["caps"])) if paths["caps"].exists() else None
     if caps_per_image > 1 and n_caps == feats.shape[0]:
         check_repeated_rows(feats, paths["ims"], caps_per_image, paths["caps"], groups=None, progress=progress)
-    return scan.warnings(paths["ims"])
+    return warnings
 
 
 def check_features(path: Path, progress: bool = True) -> list[str]:

@@ -110,8 +110,8 @@ class Vocabulary:
         return vocab
 
     def unk_rate(self, captions: Iterable[str]) -> float:
-        ids = [i for c in captions for i in self.encode(tokenize(c))[1:-1]]
-        return sum(i == self.word2idx[UNK] for i in ids) / max(len(ids), 1)
+        encoded = [self.encode(tokenize(c)) for c in captions]
+        return unk_rate([i for ids in encoded for i in ids], len(encoded), self.word2idx[UNK])
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -111,7 +111,7 @@ class RetrievalModule(L.LightningModule):
             raise DataError(None, f"{type(self).__name__} needs data the datamodule is not set to serve",
                             "set " + ", ".join(f"data.{m}" for m in missing) + " in the recipe")
         feat = getattr(datamodule, "feature_dim", None)
-        want = self.hparams.get("feature_dim") if hasattr(self, "hparams") else None
+        want = self.hparams.get("feature_dim")
         if feat is not None and want is not None and feat != want:
             raise DataError(None, f"the data serves {feat}-d region features but model.feature_dim is {want}",
                             "set data.feature_dim and model.feature_dim to the width stored in {split}_ims.npy")
