@@ -2,6 +2,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
@@ -39,3 +40,12 @@ def tiny_data(tmp_path):
     write_split(root, "dev", n_images=6, seed=1)
     write_split(root, "test", n_images=6, seed=2)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: threads only contend on a shared 2-core machine (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -13,7 +13,7 @@ from conftest import write_split
 from datamodules import DataError, PrecompDataModule
 from datamodules.labels import STOPWORDS, LabelVocabulary
 from datamodules.parsing import UPOS_ID
-from zoo.evaluation import cat_embeddings, score_blockwise
+from zoo.evaluation import score_blockwise
 from zoo.blocks import i2t_similarity, region_word_scores, t2i_similarity
 from zoo.blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, local_similarity,
                                  max_local_similarity, mean_pooled_cosine, paired_global_weights, weighted_label_bce)

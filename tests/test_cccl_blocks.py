@@ -12,13 +12,7 @@ from zoo.blocks.losses import triplet_ranking_loss
 from zoo.blocks.vsf import SimilarityScorer, VectorSimilarity, global_pool, local_similarity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only contend on a shared 2-core machine (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 @pytest.fixture(autouse=True)

@@ -16,13 +16,7 @@ ROWS = sorted((ROOT / "recipes" / "ablations" / "cccl").glob("*/[0-9][0-9]_*.yam
 TINY = dict(feature_dim=8, embed_dim=12, sim_dim=6, word_dim=8, fold_size=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only contend on a shared 2-core machine (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 def minilm_folder() -> str:

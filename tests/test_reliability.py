@@ -2,7 +2,6 @@
 import json
 import threading
 import time
-from types import SimpleNamespace
 
 import lightning as L
 import numpy as np

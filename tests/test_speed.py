@@ -2,8 +2,6 @@
 
 No timings here (the machine is shared): speed is measured by `make bench`, correctness is tested here.
 """
-import itertools
-import os
 
 import pytest
 import torch

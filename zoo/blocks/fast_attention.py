@@ -328,7 +328,6 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
     if n_img == 0 or n_cap == 0 or not out:
         return {k: torch.zeros(n_img, n_cap, dtype=torch.float32, device=dev) for k in out}
     grad = torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad)
-    inplace = not grad
     order, groups = length_groups(lengths)
     # packed real words in sorted order: group g occupies rows [sum of earlier n*l, + n_g * l_g) of `packed`.
     # One index_select (its backward is one index_add), not a slice per group (a full-size zero tensor each).

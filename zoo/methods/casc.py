@@ -146,7 +146,6 @@ class CASC(CASCBase):
     def encode_captions(self, batch: dict) -> Emb:
         out = super().encode_captions(batch)
         out["caption_ids"] = batch["caption_ids"]
-        hp = self.hparams
         if self._pair_labels:
             out["words_proj"] = self.label_head.project(out["words"])
         elif self.uses_labels:
