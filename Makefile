@@ -28,9 +28,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # Fast path next to the slow reference (pairs/s, ms per training step, peak memory, ratio); e.g.
-# make bench BENCH_ARGS="--threads 1 --images 200 --train-batch 64"   (see docs/speed.md)
+# make bench BENCH_ARGS="--threads 1 --images 200 --train-batch 64"   (README, Speed)
 # OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning at barriers; on a shared (oversubscribed)
-# CPU spinning threads stall every op, the many mid-sized ops of the fast path most (docs/speed.md).
+# CPU spinning threads stall every op, the many mid-sized ops of the fast path most (README, Speed).
 bench: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m zoo.bench $(BENCH_ARGS)
 

@@ -107,6 +107,47 @@ def test_checkpoints_are_pointed_at_the_row_folder(tmp_path):
     assert checkpoint_callbacks(zoo_ckpt, row, tmp_path / "r") is None  # already writes <root>/checkpoints
 
 
+def test_rows_with_equal_settings_train_once_and_sizes_overlay_sits_before_the_row(tmp_path, monkeypatch, capsys):
+    recipes = tmp_path / "recipes"
+    (recipes / "ablations" / "m" / "t1").mkdir(parents=True)
+    (recipes / "ablations" / "m" / "t2").mkdir(parents=True)
+    (recipes / "m_synth.yaml").write_text("model:\n  init_args: {a: 1, b: 2}\n")
+    (recipes / "ablations" / "m" / "_synthetic.yaml").write_text("trainer: {max_epochs: 2}\n")
+    (recipes / "ablations" / "m" / "t1" / "01_base.yaml").write_text("# Base — the recipe\nmodel: {}\n")
+    (recipes / "ablations" / "m" / "t1" / "02_b3.yaml").write_text("# B3 — b = 3\nmodel: {init_args: {b: 3}}\n")
+    # restates the recipe's value: the same settings as t1/base, written differently
+    (recipes / "ablations" / "m" / "t2" / "01_b2.yaml").write_text("# B2 — b = 2\nmodel: {init_args: {b: 2}}\n")
+    (recipes / "ablations" / "m" / "t2" / "02_b3.yaml").write_text("# B3 — b = 3\nmodel: {init_args: {b: 3}}\n")
+    abl = ablate.Ablation("m", "synthetic", recipes, tmp_path / "runs")
+    cmd = abl.commands(ablate.discover("m", recipes)["t1"][1], "fit", None)
+    configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
+    assert configs[:3] == [str(recipes / "m_synth.yaml"), str(recipes / "ablations" / "m" / "_synthetic.yaml"),
+                           str(recipes / "ablations" / "m" / "t1" / "02_b3.yaml")]
+    trained = []
+
+    def fake_train(self, row, same_as=None):  # stands in for fit + test: writes results.json as run_row does
+        if same_as is not None:
+            return real_run_row(self, row, same_as)
+        trained.append(row.key)
+        d = self.row_dir(row)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "results.json").write_text(json.dumps({"table": row.table, "row": row.name, "order": row.order,
+                                                    "metrics": {"test": {"rsum": float(len(trained))}}}))
+        return ablate.RowResult(row, "finished", 1.0)
+    real_run_row = ablate.Ablation.run_row
+    monkeypatch.setattr(ablate.Ablation, "run_row", fake_train)
+    results = abl.run(ablate.select(ablate.discover("m", recipes)))
+    assert trained == ["t1/base", "t1/b3"]
+    assert [r.status for r in results] == ["finished", "finished", "reused", "reused"]
+    reused = json.loads((tmp_path / "runs" / "m_synth" / "t2" / "b2" / "results.json").read_text())
+    assert reused["same_as"] == "t1/base" and reused["row"] == "b2" and reused["metrics"]["test"]["rsum"] == 1.0
+    assert json.loads((tmp_path / "runs" / "m_synth" / "t2" / "b3" / "results.json").read_text())["same_as"] == "t1/b3"
+    # different extra lightning arguments are different settings
+    assert abl.config_key(ablate.discover("m", recipes)["t1"][0]) != ablate.Ablation(
+        "m", "synthetic", recipes, tmp_path / "runs", extra=["--seed_everything", "1"]).config_key(
+        ablate.discover("m", recipes)["t1"][0])
+
+
 def test_wandb_mode_choice(monkeypatch):
     for k in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(k, raising=False)

@@ -195,6 +195,25 @@ def test_casc_without_labels_scores_like_casc_base(f64):
     assert casc.required_inputs == () and _model().required_inputs == ("labels",)
 
 
+@pytest.mark.parametrize("direction", ["both", "i2t", "t2i"])
+def test_local_branch_fast_path_equals_the_reference_with_gradients(f64, direction):
+    from zoo.blocks import reference_scoring
+    model = _model(direction=direction)
+    img, cap = _random_emb(model, lengths=(4, 1, 3, 2))
+    for emb in (img, cap):
+        for k in ("regions", "words"):
+            if k in emb:
+                emb[k] = emb[k].clone().requires_grad_(True)
+    fast = model.score(img, cap)
+    g_fast = torch.autograd.grad(fast.sum() + fast[0, 1], [img["regions"], cap["words"]])
+    with reference_scoring():
+        slow = model.score(img, cap)
+        g_slow = torch.autograd.grad(slow.sum() + slow[0, 1], [img["regions"], cap["words"]])
+    assert torch.allclose(fast, slow, atol=1e-10)
+    for a, b in zip(g_fast, g_slow):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 def test_label_head_has_its_own_schedule():
     model = _model(lr=1e-3, lr_decay_epochs=2, lr_decay=0.1)
     conf = model.configure_optimizers()

@@ -9,7 +9,8 @@ Rows are discovered from the layout `recipes/ablations/<method>/<table>/<NN>_<ro
 change here). Row files whose name starts with `_` are not rows; a row file's first line is the comment
 `# <display label> — <what it computes>`. Each row runs as two subprocesses:
 
-    python -m zoo fit  --config recipes/<method>_<data>.yaml --config <row> --config <row dir>/ablate_fit.yaml \
+    python -m zoo fit  --config recipes/<method>_<data>.yaml [--config recipes/ablations/<method>/_<data>.yaml] \
+        --config <row> --config <row dir>/ablate_fit.yaml \
         --trainer.default_root_dir runs/ablate/<method>_<data>/<table>/<row> [--ckpt_path <row dir>/checkpoints/last.ckpt]
     python -m zoo test ... --ckpt_path <row dir>/checkpoints/best.ckpt
 
@@ -19,6 +20,8 @@ loggers (CSV always, W&B unless LOGGER=csv) and, for recipes whose checkpoint ca
 
 State of a row, all in its folder: `results.json` = finished (skipped when run again); `.fit_done` = fit
 finished, test still to run; `checkpoints/last.ckpt` without `.fit_done` = killed during fit (resumed from it).
+A row whose merged settings equal an earlier row's (the same row in two tables, or a row that restates the
+base recipe) is not trained again: it gets the earlier row's results with `same_as` naming that row.
 The exit code is 0 only when every selected row has finished.
 """
 from __future__ import annotations
@@ -141,6 +144,16 @@ def recipe_for(method: str, data: str, recipes: str | Path = "recipes") -> Path:
     return path
 
 
+def sizes_for(method: str, data: str, recipes: str | Path = "recipes") -> Path | None:
+    """The method's ablation-size overlay for DATA, `recipes/ablations/<method>/_<data>.yaml`, if there is one.
+
+    It sits between the base recipe and the row, so every row of the method runs at the same (smaller) sizes
+    while the base recipe keeps its own (e.g. SynthScenes rows sized so a method's whole set fits 45 minutes on
+    2 CPU cores, next to the demo-sized recipes/<method>_synth.yaml)."""
+    path = Path(recipes) / "ablations" / method / f"_{data}.yaml"
+    return path if path.is_file() else None
+
+
 def check_data(data: str, extra: list[str], data_root: str | Path = "data") -> None:
     """f30k/coco: the standard folder must exist (or the one `--data.init_args.root` in the extra args names)."""
     if data not in DATA_DIRS:
@@ -188,6 +201,25 @@ def checkpoint_callbacks(recipe: Path, row: Path, row_dir: Path) -> list | None:
             changed = True
         out.append(cb)
     return out if changed else None
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def effective_config(recipe: Path, sizes: Path | None, row: Path, extra: list[str] = ()) -> str:
+    """The row's settings as one canonical string: recipe, sizes overlay and row merged (as the CLI layers
+    them; a list in a later file replaces the earlier one), plus the extra lightning arguments. Two rows with
+    the same string train the same model (e.g. "w/o B-3" of Table 6 and of Tables 2-4, or lambda = 0.5 and
+    the base recipe), so the runner trains only the first."""
+    merged: dict = {}
+    for f in (recipe, sizes, row):
+        if f is not None:
+            merged = _deep_merge(merged, yaml.safe_load(Path(f).read_text()) or {})
+    return json.dumps({"config": merged, "extra": list(extra)}, sort_keys=True, default=str)
 
 
 # ---- loggers --------------------------------------------------------------------------------------------
@@ -382,7 +414,7 @@ def _tail(log: Path, n: int = 15) -> str:
 @dataclass
 class RowResult:
     row: Row
-    status: str  # finished | skipped | failed
+    status: str  # finished | skipped | reused (same settings as an earlier row) | failed
     seconds: float = 0.0
     message: str = ""
 
@@ -407,6 +439,7 @@ class Ablation:
     def commands(self, row: Row, stage: str, ckpt: Path | None) -> list[str]:
         row_dir = self.row_dir(row)
         recipe = recipe_for(self.method, self.data, self.recipes)
+        row_dir.mkdir(parents=True, exist_ok=True)
         id_file = row_dir / "wandb_id"
         if not id_file.exists():  # fit and test of a row (and a resumed fit) log to the same W&B run
             id_file.write_text(f"{row.name[:20]}-{secrets.token_hex(4)}")
@@ -414,7 +447,10 @@ class Ablation:
                       checkpoint_callbacks(recipe, row.path, row_dir))
         cfg_path = row_dir / f"ablate_{stage}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        cmd = [sys.executable, "-m", "zoo", stage, "--config", str(recipe), "--config", str(row.path),
+        sizes = sizes_for(self.method, self.data, self.recipes)
+        cmd = [sys.executable, "-m", "zoo", stage, "--config", str(recipe)]
+        cmd += ["--config", str(sizes)] if sizes else []
+        cmd += ["--config", str(row.path),
                "--config", str(cfg_path), "--trainer.default_root_dir", str(row_dir),
                "--trainer.callbacks+=zoo.ablate.RowCallback"]
         if stage == "test":
@@ -423,12 +459,25 @@ class Ablation:
             cmd += ["--ckpt_path", str(ckpt)]
         return cmd + list(self.extra)
 
-    def run_row(self, row: Row) -> RowResult:
+    def config_key(self, row: Row) -> str:
+        return effective_config(recipe_for(self.method, self.data, self.recipes),
+                                sizes_for(self.method, self.data, self.recipes), row.path, self.extra)
+
+    def run_row(self, row: Row, same_as: Row | None = None) -> RowResult:
         row_dir = self.row_dir(row)
         results = row_dir / "results.json"
         if results.exists():
             return RowResult(row, "skipped", message="finished before (delete its results.json to run it again)")
         row_dir.mkdir(parents=True, exist_ok=True)
+        earlier = self.row_dir(same_as) / "results.json" if same_as is not None else None
+        if earlier is not None and earlier.exists():  # same settings as a finished row: its figures, not a rerun
+            out = json.loads(earlier.read_text())
+            out.update(table=row.table, row=row.name, order=row.order, label=row.label, what=row.what,
+                       row_file=str(row.path), same_as=same_as.key)
+            tmp = results.with_suffix(".tmp")
+            tmp.write_text(json.dumps(out, indent=1))
+            tmp.replace(results)
+            return RowResult(row, "reused", message=f"same settings as {same_as.key}: its results")
         t0 = time.time()
         fit_done, ckpts = row_dir / ".fit_done", row_dir / "checkpoints"
         log = row_dir / "ablate.log"
@@ -467,18 +516,21 @@ class Ablation:
     def run(self, rows: list[Row]) -> list[RowResult]:
         start, done, ran_seconds = time.time(), [], []
         n = len(rows)
+        first_with: dict[str, Row] = {}
         for k, row in enumerate(rows, 1):
+            key = self.config_key(row)
+            same_as = first_with.setdefault(key, row)
             pending = [r for r in rows[k - 1:] if not (self.row_dir(r) / "results.json").exists()]
             eta = (sum(ran_seconds) / len(ran_seconds) * len(pending)) if ran_seconds else None
             eta_s = _fmt(eta) if eta is not None else "after the first row"
             print(f"\n[ablate] row {k}/{n}: {row.key} ({row.label}) | elapsed {_fmt(time.time() - start)} "
                   f"| remaining ~{eta_s}", flush=True)
-            res = self.run_row(row)
-            if res.status != "skipped":
+            res = self.run_row(row, same_as if same_as is not row else None)
+            if res.status in ("finished", "failed"):
                 ran_seconds.append(res.seconds)
-            note = f" in {_fmt(res.seconds)}" if res.status != "skipped" else ""
+            note = f" in {_fmt(res.seconds)}" if res.status in ("finished", "failed") else ""
             print(f"[ablate] row {k}/{n}: {row.key} {res.status}{note}"
-                  + (f"\n{res.message}" if res.status == "failed" else ""), flush=True)
+                  + (f"\n{res.message}" if res.status in ("failed", "reused") else ""), flush=True)
             done.append(res)
         print(f"\n[ablate] {self.method} on {self.data}: {n} rows in {_fmt(time.time() - start)}")
         for r in done:

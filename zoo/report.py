@@ -120,7 +120,9 @@ def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes
         res = results.get((table, name))
         m = (res or {}).get("metrics", {}).get(key, {})
         row = {"table": table, "order": order, "row": name, "label": (res or {}).get("label", label),
-               "what": (res or {}).get("what", what), "status": "finished" if res else "not run",
+               "what": (res or {}).get("what", what) + (f" (same run as {res['same_as']})" if (res or {}).get("same_as")
+                                                        else ""),
+               "status": "finished" if res else "not run",
                "protocol": proto}
         row.update({k: m.get(k) for k in RECALLS + ["rsum"]})
         for ds in ("f30k", "coco"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..blocks import BiGRUTextEncoder, RegionEncoder, i2t_similarity, region_word_scores, t2i_similarity, triplet_ranking_loss
+from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity, region_word_scores, triplet_ranking_loss
 from ..blocks.functional import masked_mean, wide
 from ..blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, global_label_similarity_pairs,
                                local_similarity, max_local_similarity, mean_pooled_cosine, paired_global_weights,
@@ -160,16 +160,18 @@ class CASC(CASCBase):
     def score_parts(self, img: Emb, cap: Emb, with_global: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(S_loc, S_G) of every pair of a block, [I, C] each (None where the branch is off or not asked for)."""
         hp = self.hparams
-        needs_sc = hp.local != "none" or (self._pair_labels and with_global)
+        # the [I, C, R, L] cosine grid is formed only where a branch reads it (max local, S_G reading (a));
+        # the attention branch goes through the shared scorer (fast path, `reference_scoring()` for the slow one)
+        needs_sc = hp.local == "max" or (self._pair_labels and with_global)
         sc = region_word_scores(img["regions"], cap["words"], cap["lengths"]) if needs_sc else None
         s_loc = None
         if hp.local == "attention":
-            kw = dict(norm=hp.score_norm, lse_temperature=hp.lse_temperature, scores=sc)
-            s_i2t = i2t_similarity(None, None, None, smooth=hp.lambda_i2t, agg=hp.aggregation_i2t, **kw) \
-                if hp.direction in ("both", "i2t") else None
-            s_t2i = t2i_similarity(None, None, None, smooth=hp.lambda_t2i, agg=hp.aggregation_t2i, **kw) \
-                if hp.direction in ("both", "t2i") else None
-            s_loc = local_similarity(s_i2t, s_t2i, average=hp.local_fusion == "average")
+            s = cross_attention_similarity(img["regions"], cap["words"], cap["lengths"], i2t=hp.direction != "t2i",
+                                           t2i=hp.direction != "i2t", lambda_i2t=hp.lambda_i2t,
+                                           lambda_t2i=hp.lambda_t2i, norm=hp.score_norm,
+                                           agg_i2t=hp.aggregation_i2t, agg_t2i=hp.aggregation_t2i,
+                                           lse_temperature=hp.lse_temperature)
+            s_loc = local_similarity(s.get("i2t"), s.get("t2i"), average=hp.local_fusion == "average")
         elif hp.local == "max":
             s_loc = max_local_similarity(sc)
         s_g = None
