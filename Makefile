@@ -36,7 +36,7 @@ bench: $(STAMP)
 
 # After `make demo`: where each word of a test caption looks (T2I attention over the region boxes).
 attention: $(STAMP)
-	$(BIN)/python -m zoo.attention_map --ckpt $(DEMO_CKPT) --root .cache/synthscenes --image 3 --caption 1 \
+	$(BIN)/python -m zoo.pictures attention --ckpt $(DEMO_CKPT) --root .cache/synthscenes --image 3 --caption 1 \
 		--out runs/attention.png
 
 # Every ablation row of a method: `make ablate METHOD=casc DATA=synthetic [TABLE=..] [ROWS=a,b] [LOGGER=csv]`.

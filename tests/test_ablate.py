@@ -13,7 +13,7 @@ import yaml
 
 from zoo import ablate
 from zoo.ablate import checkpoint_callbacks, discover, parse_label, select, wandb_setup
-from zoo.report import write_report
+from zoo.report import kendall_tau, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -223,6 +223,29 @@ def test_report_from_fixed_runs_matches_the_hand_written_tables(tmp_path):
     with pytest.warns(UserWarning, match="no paper figures"):
         paths, rows = write_report("m", "f30k", runs, tmp_path / "recipes", tmp_path / "nothing")
     assert rows[0]["rsum"] == 105.0 and rows[0]["paper_f30k_rsum"] is None
+
+
+def test_seed_agreement_in_the_report(tmp_path):
+    _layout(tmp_path / "recipes", {"m/tA/01_a.yaml": "# A — a\n", "m/tA/02_b.yaml": "# B — b\n",
+                                   "m/tA/03_c.yaml": "# C — c\n", "m/tA/04_d.yaml": "# D — d\n"})
+    main, other = tmp_path / "runs", tmp_path / "runs_seed1"
+    for runs, sums in ((main, [10, 30, 20, 40]), (other, [12, 25, 31, 50])):
+        for k, (name, v) in enumerate(zip("abcd", sums), 1):
+            _result(runs / "m_synth", "tA", name, k, [v, 0, 0, 0, 0, 0], name.upper(), name)
+    # d is the same run as c in the main folder: it must not count twice in the agreement
+    res = json.loads((main / "m_synth" / "tA" / "d" / "results.json").read_text())
+    res["same_as"] = "tA/c"
+    (main / "m_synth" / "tA" / "d" / "results.json").write_text(json.dumps(res))
+    paths, rows = write_report("m", "synthetic", main, tmp_path / "recipes", tmp_path / "nothing",
+                               seeds=[other])
+    assert [r["seed_rsums"] for r in rows] == [[12.0], [25.0], [31.0], [50.0]]
+    # a, b, c: main order a < c < b, other order a < b < c -> pairs (a,b) +, (a,c) +, (b,c) - -> tau = 1/3
+    assert kendall_tau([10, 30, 20], [12, 25, 31]) == pytest.approx(1 / 3)
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0 and kendall_tau([1], [1]) is None
+    md = paths["md"].read_text(encoding="utf-8")
+    assert "| rsum | rsum, other seeds | Δ |" in md and "| 30.0 | 25.0 | +20.0 |" in md
+    assert (f"Ordering against `{other}` (3 rows run in both): Kendall τ = 0.33, same best row: no, "
+            "mean |rsum difference| = 6.0.") in md
 
 
 # ---- end to end -----------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_lightning_fit_then_test_prints_recall_table(tmp_path):
     pred = _run(["predict", "--config", recipe, "--ckpt_path", str(ckpt), *shrink], tmp_path)
     assert pred.returncode == 0, pred.stderr[-3000:]
     png = tmp_path / "att.png"
-    pic = subprocess.run([sys.executable, "-m", "zoo.attention_map", "--ckpt", str(ckpt), "--root",
+    pic = subprocess.run([sys.executable, "-m", "zoo.pictures", "attention", "--ckpt", str(ckpt), "--root",
                           "ss", "--out", str(png)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert pic.returncode == 0, pic.stderr[-3000:]
     assert png.read_bytes()[:4] == b"\x89PNG"

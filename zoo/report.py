@@ -122,7 +122,7 @@ def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes
         row = {"table": table, "order": order, "row": name, "label": (res or {}).get("label", label),
                "what": (res or {}).get("what", what) + (f" (same run as {res['same_as']})" if (res or {}).get("same_as")
                                                         else ""),
-               "status": "finished" if res else "not run",
+               "status": "finished" if res else "not run", "same_as": (res or {}).get("same_as"),
                "protocol": proto}
         row.update({k: m.get(k) for k in RECALLS + ["rsum"]})
         for ds in ("f30k", "coco"):
@@ -144,6 +144,46 @@ def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes
     return rows
 
 
+def kendall_tau(a: list[float], b: list[float]) -> float | None:
+    """Kendall's tau-a of two score lists over the same rows (ties count as neither); None below 2 rows."""
+    n = len(a)
+    if n < 2:
+        return None
+    s = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            x, y = a[i] - a[j], b[i] - b[j]
+            s += (x > 0) - (x < 0) if y > 0 else -((x > 0) - (x < 0)) if y < 0 else 0
+    return s / (n * (n - 1) / 2)
+
+
+def add_seeds(method: str, data: str, rows: list[dict], seed_runs: list[str | Path]) -> list[dict]:
+    """Adds `seed_rsums` (the rsum of the same row in each other runs folder, e.g. another --seed_everything)
+    to every row, and returns per table the ordering agreement with the main runs: [{table, n, seeds: [{runs,
+    tau, same_best, mean_abs_diff}]}]. Rows reusing another row's run (`same_as`) are left out of the agreement."""
+    others = [load_results(method, data, r) for r in seed_runs]
+    key, _ = our_protocol(data, {k: v for o in others for k, v in o.items()})
+    for r in rows:
+        r["seed_rsums"] = [o.get((r["table"], r["row"]), {}).get("metrics", {}).get(key, {}).get("rsum")
+                           for o in others]
+    agreement = []
+    for table in dict.fromkeys(r["table"] for r in rows):
+        trs = [r for r in rows if r["table"] == table and r["rsum"] is not None and not r.get("same_as")]
+        seeds = []
+        for k, runs in enumerate(seed_runs):
+            both = [r for r in trs if r["seed_rsums"][k] is not None]
+            if len(both) < 2:
+                continue
+            a, b = [r["rsum"] for r in both], [r["seed_rsums"][k] for r in both]
+            seeds.append({"runs": str(runs), "n": len(both), "tau": kendall_tau(a, b),
+                          "same_best": max(both, key=lambda r: r["rsum"])["row"] == max(
+                              both, key=lambda r: r["seed_rsums"][k])["row"],
+                          "mean_abs_diff": sum(abs(x - y) for x, y in zip(a, b)) / len(both)})
+        if seeds:
+            agreement.append({"table": table, "seeds": seeds})
+    return agreement
+
+
 def _f(v: float | None, signed: bool = False) -> str:
     if v is None:
         return "—"
@@ -151,7 +191,7 @@ def _f(v: float | None, signed: bool = False) -> str:
 
 
 def to_markdown(method: str, data: str, rows: list[dict], runs: str | Path = "runs/ablate",
-                paper_file: str | Path | None = None) -> str:
+                paper_file: str | Path | None = None, agreement: list[dict] | None = None) -> str:
     real = data in ("f30k", "coco")
     proto = rows[0].get("protocol") if rows else None
     protocol = {"f30k": "Flickr30K test (1K images)", "coco": "COCO 1K (5-fold mean)" if proto == "1K" else "COCO 5K",
@@ -169,6 +209,10 @@ def to_markdown(method: str, data: str, rows: list[dict], runs: str | Path = "ru
             "paper F30K rsum", "Δ", coco_head, "Δ"]
     if real:
         head.append("ours − paper")
+    seeded = any(r.get("seed_rsums") for r in rows)
+    if seeded:
+        head.insert(9, "rsum, other seeds")
+    by_table = {a["table"]: a["seeds"] for a in agreement or []}
     for table in dict.fromkeys(r["table"] for r in rows):
         lines += ["", f"## {table}", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for r in rows:
@@ -180,7 +224,13 @@ def to_markdown(method: str, data: str, rows: list[dict], runs: str | Path = "ru
                 _f(r["paper_coco_rsum"]), _f(r["paper_coco_delta"], True)]
             if real:
                 cells.append(_f(r["ours_minus_paper_rsum"], True))
+            if seeded:
+                cells.insert(9, " / ".join(_f(v) for v in r["seed_rsums"]))
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        for sd in by_table.get(table, []):
+            lines += ["", f"Ordering against `{sd['runs']}` ({sd['n']} rows run in both): Kendall τ = "
+                      f"{sd['tau']:.2f}, same best row: {'yes' if sd['same_best'] else 'no'}, "
+                      f"mean |rsum difference| = {sd['mean_abs_diff']:.1f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -234,16 +284,19 @@ def bar_chart(method: str, data: str, rows: list[dict], path: Path) -> Path | No
 
 
 def write_report(method: str, data: str, runs: str | Path = "runs/ablate", recipes: str | Path | None = "recipes",
-                 paper_dir: str | Path | None = None, out: str | Path | None = None) -> tuple[dict, list[dict]]:
-    """Writes report.md, report.csv and report.png; returns ({kind: path}, rows)."""
+                 paper_dir: str | Path | None = None, out: str | Path | None = None,
+                 seeds: list[str | Path] = ()) -> tuple[dict, list[dict]]:
+    """Writes report.md, report.csv and report.png; returns ({kind: path}, rows). seeds: other runs folders of
+    the same rows (other seeds): their rsum beside ours and the ordering agreement per table."""
     rows = build_rows(method, data, runs, recipes, paper_dir)
+    agreement = add_seeds(method, data, rows, list(seeds)) if seeds else None
     if not rows:
         raise ValueError(f"nothing to report for {method} on {data}: no rows in the layout and no finished runs")
     out_dir = Path(out) if out else Path(runs) / f"{method}_{DATA_SUFFIX[data]}"
     out_dir.mkdir(parents=True, exist_ok=True)
     paper_file = Path(paper_dir) / f"{method}.csv" if paper_dir else None
     paths = {"md": out_dir / "report.md", "csv": out_dir / "report.csv"}
-    paths["md"].write_text(to_markdown(method, data, rows, runs, paper_file), encoding="utf-8")
+    paths["md"].write_text(to_markdown(method, data, rows, runs, paper_file, agreement), encoding="utf-8")
     write_csv(rows, paths["csv"])
     png = bar_chart(method, data, rows, out_dir / "report.png")
     if png is not None:
@@ -259,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", default="recipes")
     ap.add_argument("--paper", default=None, help="folder of paper figure CSVs (default zoo/paper_results)")
     ap.add_argument("--out", default=None, help="output folder (default runs/ablate/<method>_<data>)")
+    ap.add_argument("--seeds", nargs="*", default=[], metavar="RUNS",
+                    help="runs folders of the same rows at other seeds: their rsum and the ordering agreement")
     args = ap.parse_args(argv)
     try:
-        paths, rows = write_report(args.method, args.data, args.runs, args.recipes, args.paper, args.out)
+        paths, rows = write_report(args.method, args.data, args.runs, args.recipes, args.paper, args.out,
+                                   args.seeds)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,7 +34,8 @@ class ContextPerceivedCell(nn.Module):
         self.gate_k = nn.Linear(dim, dim)
         self.dim = dim
 
-    def forward(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attention(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(softmax weights [B, N, N] of Eq. (6), V [B, N, d]); row i: how much item i reads every item."""
         q, k, v = self.q(y), self.k(y), self.v(y)  # Eq. (1)
         u = q * k  # Eq. (3)
         q_hat = q * torch.sigmoid(self.gate_q(u))  # Eqs. (4)-(5)
@@ -44,8 +45,11 @@ class ContextPerceivedCell(nn.Module):
             logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
             # a row whose every key is masked (an all-padding caption) would be NaN: give it a harmless 0 logit
             logits = logits.masked_fill(~mask.any(-1)[:, None, None], 0.0)
-        a_hat = torch.matmul(torch.softmax(logits, dim=-1), v)
-        out = a_hat + y  # Eq. (7)
+        return torch.softmax(logits, dim=-1), v
+
+    def forward(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        weights, v = self.attention(y, mask)
+        out = torch.matmul(weights, v) + y  # Eqs. (6)-(7)
         if mask is not None:
             out = out * mask[..., None].to(out.dtype)
         return out
@@ -103,13 +107,18 @@ class VisualContextEmbedding(nn.Module):
         self.position = BoxPositionEmbedding(dim, position_tuple) if use_position else None  # Eq. (9)
         self.cpc = ContextPerceivedCell(dim) if use_cpc else None  # Eq. (10)
 
-    def forward(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+    def cpc_input(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Q^ o S^ of Eqs. (8)-(9): what the CPC reads (V itself when there is no CPC)."""
         x = self.fc(features)
         if self.position is not None:
             if boxes is None:
                 raise ValueError("the visual embedding uses box position features (CCCL Eq. 9) but no boxes were "
                                  "given: serve them (data.with_boxes: true) or set model.use_box_position: false")
             x = x * self.position(boxes)
+        return x
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.cpc_input(features, boxes)
         return self.cpc(x) if self.cpc is not None else x
 
 

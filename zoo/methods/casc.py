@@ -93,6 +93,7 @@ class CASC(CASCBase):
         self.image_encoder = RegionEncoder(feature_dim, embed_dim)
         self.text_encoder: BiGRUTextEncoder | None = None
         self.label_head: LabelHead | None = None
+        self.label_words: list[str] | None = None  # the data's label dictionary, in head-output order
         if vocab_size is not None:
             self._build_text(vocab_size)
         if num_labels is not None and global_branch == "label":
@@ -120,6 +121,7 @@ class CASC(CASCBase):
         if not self.uses_labels:
             return
         k = len(datamodule.labels)
+        self.label_words = list(datamodule.labels.words)
         if self.label_head is None:
             self._build_labels(k)
         elif self.label_head.fc2.out_features != k:
@@ -127,6 +129,17 @@ class CASC(CASCBase):
                              f"{k}: use the same data.num_labels / data.label_pos as in training")
         if self.hparams.positive_weights:
             self.pos_weight.copy_(datamodule.label_pos_weights.to(self.pos_weight))
+
+    # the label dictionary travels with the weights: predicted labels (Fig. 4) are named without the data
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["zoo_data"]["label_words"] = self.label_words
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        words = checkpoint.get("zoo_data", {}).get("label_words")
+        if words is not None:
+            self.label_words = words
 
     # ---- encoders -----------------------------------------------------------------------------------------------
     @property
