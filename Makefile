@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= recipes/casc_base_synth.yaml
 DEMO_CKPT ?= runs/casc_base_synth/checkpoints/best.ckpt
 
-.PHONY: venv demo test clean bench attention ablate report ensemble
+.PHONY: venv demo test clean bench bench-data attention ablate report ensemble
 
 # torch goes in first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -34,6 +34,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m zoo.bench $(BENCH_ARGS)
 
+# Training-loader images/s per data.train_features store (mmap, memory, memory_fp16, device_fp16) vs mmap.
+bench-data: $(STAMP)
+	$(BIN)/python -m zoo.bench_data $(BENCH_ARGS)
+
 # After `make demo`: where each word of a test caption looks (T2I attention over the region boxes).
 attention: $(STAMP)
 	$(BIN)/python -m zoo.pictures attention --ckpt $(DEMO_CKPT) --root .cache/synthscenes --image 3 --caption 1 \
@@ -48,9 +52,10 @@ ABLATE_OPTS = $(if $(TABLE),--table $(TABLE)) $(if $(ROWS),--rows $(ROWS)) --log
 ablate: $(STAMP)
 	$(BIN)/python -m zoo.ablate $(METHOD) $(DATA) $(ABLATE_OPTS) $(if $(ARGS),-- $(ARGS))
 
-# The Markdown/CSV/PNG report from finished rows alone (runs/ablate/<method>_<data>/report.*).
+# The Markdown/CSV/PNG report from finished rows alone (runs/ablate/<method>_<data>/report.*);
+# SEEDS="runs/ablate_seed1 ..." adds those folders' rsum per row and the ordering agreement per table.
 report: $(STAMP)
-	$(BIN)/python -m zoo.report $(METHOD) $(DATA)
+	$(BIN)/python -m zoo.report $(METHOD) $(DATA) $(if $(SEEDS),--seeds $(SEEDS))
 
 # Mean of the similarity matrices of several checkpoints: `make ensemble RECIPE=recipes/x.yaml CKPTS="a.ckpt b.ckpt"`.
 RECIPE ?= $(DEMO)

@@ -77,6 +77,7 @@ class _Base(Dataset):
         self.with_pos, self.with_graphs = with_pos, with_graphs
         self.tokens = EncodedCaptions(data.captions, vocab)
         self.subwords = SubwordCaptions(data.captions, subword_tokenizer) if subword_tokenizer is not None else None
+        self.features_on_device = False
 
     def _caption(self, k: int) -> dict:
         item = {"tokens": self.tokens[k], "caption_id": k}
@@ -96,7 +97,8 @@ class _Base(Dataset):
         return item
 
     def _image(self, i: int) -> dict:
-        item = {"image": self.data.image_features(i), "image_id": i}
+        # features_on_device: the batch gets its features after the transfer (PrecompDataModule.on_after_batch_transfer)
+        item = {"image_id": i} if self.features_on_device else {"image": self.data.image_features(i), "image_id": i}
         if self.with_boxes:
             item["boxes"] = self.data.image_boxes(i)
         if self.image_labels is not None:
@@ -135,12 +137,13 @@ def collate(items: list[dict], with_pos: bool = False, with_graphs: bool = False
     for n, c in enumerate(caps):
         tokens[n, : len(c["tokens"])] = torch.from_numpy(np.asarray(c["tokens"]))
     batch = {
-        "images": torch.from_numpy(np.stack([it["image"] for it in items])),
         "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
         "tokens": tokens,
         "lengths": lengths,
         "caption_ids": torch.tensor([c["caption_id"] for c in caps], dtype=torch.long),
     }
+    if "image" in items[0]:  # float32, or float16 from a held fp16 copy (cast on the device after the transfer)
+        batch["images"] = torch.from_numpy(np.stack([it["image"] for it in items]))
     for key in ("boxes", "labels"):
         if key in items[0]:
             batch[key] = torch.from_numpy(np.stack([it[key] for it in items]))

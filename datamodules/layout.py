@@ -79,6 +79,28 @@ class SplitData:
     boxes: np.ndarray | None = None
     all_captions: list[str] | None = None  # the whole file, also when max_images keeps a prefix
     _features: np.ndarray | None = field(default=None, repr=False)
+    held: np.ndarray | None = field(default=None, repr=False)  # hold_in_memory(): one row per image, fp32/fp16
+
+    def hold_in_memory(self, dtype=np.float32) -> np.ndarray:
+        """Reads the split's image rows into RAM once (dtype float32 or float16: half the memory) and serves
+        items from there; NaN/Inf are checked over the whole copy here (the items then skip the check)."""
+        if self.held is None or self.held.dtype != dtype:
+            rows = self.features[: self.n_images * self.image_stride: self.image_stride]
+            held = np.empty((self.n_images, *rows.shape[1:]), dtype=dtype)
+            for a in range(0, self.n_images, 4096):  # chunked: a memory map streams, no fp32 copy of the whole
+                chunk = np.asarray(rows[a: a + 4096], dtype=np.float32)
+                bad = ~np.isfinite(chunk).reshape(chunk.shape[0], -1).all(1)
+                if bad.any():
+                    i = a + int(np.flatnonzero(bad)[0])
+                    raise DataError(self.paths["ims"], f"row {i * self.image_stride} (image {i}) contains NaN or "
+                                    "Inf values", "re-extract the features of that image; NaN features would "
+                                    "silently poison training")
+                held[a: a + chunk.shape[0]] = chunk
+            if dtype == np.float16 and not np.isfinite(held).all():
+                raise DataError(self.paths["ims"], "features overflow float16 (|x| > 65504)",
+                                "use data.train_features: memory (float32) or mmap")
+            self.held = held
+        return self.held
 
     @property
     def features(self) -> np.ndarray:
@@ -87,6 +109,8 @@ class SplitData:
         return self._features
 
     def image_features(self, i: int) -> np.ndarray:
+        if self.held is not None:
+            return self.held[i]
         row = i * self.image_stride
         x = np.asarray(self.features[row], dtype=np.float32)
         if not np.isfinite(x).all():
@@ -98,7 +122,7 @@ class SplitData:
         assert self.boxes is not None
         return np.asarray(self.boxes[i * self.image_stride], dtype=np.float32)
 
-    def __getstate__(self):  # never pickle a memory map into worker processes
+    def __getstate__(self):  # never pickle a memory map into worker processes (a held copy travels as is)
         state = dict(self.__dict__)
         state["_features"] = None
         return state
