@@ -89,8 +89,12 @@ def _words(dm, tokens: torch.Tensor, n: int) -> list[str]:
 @torch.no_grad()
 def predicted_labels(model, dm, image: int, top_captions: int = 3, k: int = 10) -> list[tuple[str, float]]:
     """CASC Fig. 4: the image's top-k (label, score), from A^I paired with its top retrieved test captions."""
-    if getattr(model, "label_head", None) is None or model.label_words is None:
+    if getattr(model, "label_head", None) is None:
         raise ValueError("this checkpoint has no label branch (CASC with global_branch: label predicts labels)")
+    if model.label_words is None:
+        raise ValueError("this checkpoint stores no label dictionary (saved before checkpoints carried "
+                         "zoo_data.label_words): use CASC.image_label_words(datamodule, ...) with the training data's "
+                         "label settings, or pass --labels 0 to draw the attention alone")
     img = model.encode_images(_item_batch(dm, image))
     caps = [model.encode_captions(b) for b in dm.test_dataloader()]
     from .evaluation import cat_embeddings
@@ -113,7 +117,8 @@ def attention_figure(model, dm, image: int = 0, caption: int = 0, labels: int = 
     words, n = cap["words"], int(cap["lengths"][0])
     _, alpha = attend(words[:, :n], regions, smooth=hp.lambda_t2i, norm=hp.score_norm)  # [1, n, R]
     tokens, alpha, boxes = _words(dm, batch["tokens"][0], n), alpha[0, 1:n - 1], batch["boxes"][0]
-    top = predicted_labels(model, dm, image, k=labels) if getattr(model, "label_head", None) is not None else []
+    top = predicted_labels(model, dm, image, k=labels) if labels and getattr(model, "label_head", None) is not None \
+        else []
     panels = len(tokens) + (1 if top else 0)
     cols = min(6, panels)
     rows = -(-panels // cols)
