@@ -47,15 +47,22 @@ def test_every_row_is_a_valid_delta_of_its_synth_recipe(method, row, monkeypatch
     first = row.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("# ") and " — " in first, f"{row}: first line must be '# <label> — <what it computes>'"
     recipe = RECIPES / f"{method}_synth.yaml"
+    sizes = ablate.sizes_for(method, "synthetic", RECIPES)  # the ablation sizes sit between recipe and row
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     with pytest.raises(SystemExit) as e:  # --print_config exits after printing the merged config
-        main(["fit", "--config", str(recipe), "--config", str(row), "--print_config"])
+        main(["fit", "--config", str(recipe), *(["--config", str(sizes)] if sizes else []), "--config", str(row),
+              "--print_config"])
     assert e.value.code in (0, None)
     merged = yaml.safe_load(capsys.readouterr().out)
     delta = yaml.safe_load(row.read_text(encoding="utf-8")) or {}
     assert merged["model"]["class_path"] == delta["model"]["class_path"]
     for k, v in (delta["model"].get("init_args") or {}).items():
         assert merged["model"]["init_args"][k] == v, k
+    if sizes is not None:  # the sizes overlay is in effect under the row
+        over = yaml.safe_load(sizes.read_text(encoding="utf-8"))
+        for k, v in over["data"]["init_args"].items():
+            assert merged["data"]["init_args"][k] == v, k
+        assert merged["trainer"]["max_epochs"] == over["trainer"]["max_epochs"]
 
 
 def _layout(root, rows):
