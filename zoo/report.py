@@ -160,7 +160,8 @@ def kendall_tau(a: list[float], b: list[float]) -> float | None:
 def add_seeds(method: str, data: str, rows: list[dict], seed_runs: list[str | Path]) -> list[dict]:
     """Adds `seed_rsums` (the rsum of the same row in each other runs folder, e.g. another --seed_everything)
     to every row, and returns per table the ordering agreement with the main runs: [{table, n, seeds: [{runs,
-    tau, same_best, mean_abs_diff}]}]. Rows reusing another row's run (`same_as`) are left out of the agreement."""
+    tau, same_best, mean_abs_diff}]}]. A row reusing the run of another row of its table (`same_as`) is left out
+    of that table's agreement."""
     others = [load_results(method, data, r) for r in seed_runs]
     key, _ = our_protocol(data, {k: v for o in others for k, v in o.items()})
     for r in rows:
@@ -168,7 +169,9 @@ def add_seeds(method: str, data: str, rows: list[dict], seed_runs: list[str | Pa
                            for o in others]
     agreement = []
     for table in dict.fromkeys(r["table"] for r in rows):
-        trs = [r for r in rows if r["table"] == table and r["rsum"] is not None and not r.get("same_as")]
+        # a row reusing another row *of this table* would count one run twice
+        trs = [r for r in rows if r["table"] == table and r["rsum"] is not None
+               and not (r.get("same_as") or "").startswith(f"{table}/")]
         seeds = []
         for k, runs in enumerate(seed_runs):
             both = [r for r in trs if r["seed_rsums"][k] is not None]
