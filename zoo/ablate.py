@@ -517,10 +517,12 @@ class Ablation:
         start, done, ran_seconds = time.time(), [], []
         n = len(rows)
         first_with: dict[str, Row] = {}
+        for row in rows:
+            first_with.setdefault(self.config_key(row), row)
+        trains = {id(r) for r in first_with.values()}  # the rows that will run (the others reuse one of them)
         for k, row in enumerate(rows, 1):
-            key = self.config_key(row)
-            same_as = first_with.setdefault(key, row)
-            pending = [r for r in rows[k - 1:] if not (self.row_dir(r) / "results.json").exists()]
+            same_as = first_with[self.config_key(row)]
+            pending = [r for r in rows[k - 1:] if id(r) in trains and not (self.row_dir(r) / "results.json").exists()]
             eta = (sum(ran_seconds) / len(ran_seconds) * len(pending)) if ran_seconds else None
             eta_s = _fmt(eta) if eta is not None else "after the first row"
             print(f"\n[ablate] row {k}/{n}: {row.key} ({row.label}) | elapsed {_fmt(time.time() - start)} "
