@@ -214,6 +214,16 @@ def test_local_branch_fast_path_equals_the_reference_with_gradients(f64, directi
         assert torch.allclose(a, b, atol=1e-10)
 
 
+def test_sg_pairs_per_caption_length_equal_the_padded_block(f64):
+    from zoo.blocks import reference_scoring
+    model = _model()
+    img, cap = _random_emb(model, n_img=3, n_cap=6, lengths=(4, 1, 3, 4, 2, 3))
+    _, grouped = model.score_parts(img, cap)
+    with reference_scoring():  # one call over the whole padded block
+        _, padded = model.score_parts(img, cap)
+    assert grouped.shape == (3, 6) and torch.allclose(grouped, padded, atol=1e-12)
+
+
 def test_label_head_has_its_own_schedule():
     model = _model(lr=1e-3, lr_decay_epochs=2, lr_decay=0.1)
     conf = model.configure_optimizers()

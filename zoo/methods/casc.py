@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity, region_word_scores, triplet_ranking_loss
-from ..blocks.functional import masked_mean, wide
+from ..blocks.functional import masked_mean, use_reference, wide
 from ..blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, global_label_similarity_pairs,
                                local_similarity, max_local_similarity, mean_pooled_cosine, paired_global_weights,
                                prediction_cosine, weighted_label_bce)
@@ -173,10 +173,10 @@ class CASC(CASCBase):
     def score_parts(self, img: Emb, cap: Emb, with_global: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(S_loc, S_G) of every pair of a block, [I, C] each (None where the branch is off or not asked for)."""
         hp = self.hparams
-        # the [I, C, R, L] cosine grid is formed only where a branch reads it (max local, S_G reading (a));
-        # the attention branch goes through the shared scorer (fast path, `reference_scoring()` for the slow one)
-        needs_sc = hp.local == "max" or (self._pair_labels and with_global)
-        sc = region_word_scores(img["regions"], cap["words"], cap["lengths"]) if needs_sc else None
+        # the [I, C, R, L] cosine grid is formed only where the max local branch reads it (S_G reading (a) forms
+        # its own per caption length); the attention branch goes through the shared scorer (fast path,
+        # `reference_scoring()` for the slow one)
+        sc = region_word_scores(img["regions"], cap["words"], cap["lengths"]) if hp.local == "max" else None
         s_loc = None
         if hp.local == "attention":
             s = cross_attention_similarity(img["regions"], cap["words"], cap["lengths"], i2t=hp.direction != "t2i",
@@ -193,8 +193,7 @@ class CASC(CASCBase):
         elif hp.global_branch == "cosine":
             s_g = mean_pooled_cosine(img["regions"], cap["words"], cap["lengths"])
         elif self._pair_labels:
-            s_g = global_label_similarity_pairs(self.label_head, sc, img["regions_proj"], cap["words_proj"],
-                                                smooth_i2t=hp.lambda_i2t, smooth_t2i=hp.lambda_t2i, norm=hp.score_norm)
+            s_g = self._pair_label_similarity(img, cap)
         elif self.uses_labels and self.sg_reading == "caption_labels":
             s_g = global_label_similarity_labels(img["label_logits"], cap["label_vec"][:, 0, 0])
         elif self.uses_labels:  # label_vectors 'mean', released cosine between the two predictions
@@ -202,6 +201,25 @@ class CASC(CASCBase):
         if self._recording is not None:
             self._recording.append((img["image_ids"], cap["caption_ids"], s_loc, s_g))
         return s_loc, s_g
+
+    def _pair_label_similarity(self, img: Emb, cap: Emb) -> torch.Tensor:
+        """S_G reading (a) of a block, [I, C]: captions of one length at a time, trimmed to it, so the
+        [I, n, R, l] attention weights carry no padding (same values as one call over the padded block; the
+        fast path falls back to that call under `reference_scoring()`)."""
+        hp = self.hparams
+        kw = dict(smooth_i2t=hp.lambda_i2t, smooth_t2i=hp.lambda_t2i, norm=hp.score_norm)
+        regions, words, lengths = img["regions"], cap["words"], cap["lengths"]
+        if use_reference():
+            sc = region_word_scores(regions, words, lengths)
+            return global_label_similarity_pairs(self.label_head, sc, img["regions_proj"], cap["words_proj"], **kw)
+        out = torch.empty(regions.shape[0], lengths.shape[0], dtype=torch.promote_types(regions.dtype, torch.float32),
+                          device=regions.device)
+        for n in torch.unique(lengths).tolist():
+            idx = torch.nonzero(lengths == n).squeeze(1)
+            sc = region_word_scores(regions, words[idx, :n], lengths[idx])
+            out[:, idx] = global_label_similarity_pairs(self.label_head, sc, img["regions_proj"],
+                                                        cap["words_proj"][idx, :n], **kw).to(out.dtype)
+        return out
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
         s_loc, s_g = self.score_parts(img, cap)
