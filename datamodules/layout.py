@@ -91,10 +91,7 @@ class SplitData:
                 chunk = np.asarray(rows[a: a + 4096], dtype=np.float32)
                 bad = ~np.isfinite(chunk).reshape(chunk.shape[0], -1).all(1)
                 if bad.any():
-                    i = a + int(np.flatnonzero(bad)[0])
-                    raise DataError(self.paths["ims"], f"row {i * self.image_stride} (image {i}) contains NaN or "
-                                    "Inf values", "re-extract the features of that image; NaN features would "
-                                    "silently poison training")
+                    raise self._non_finite(a + int(np.flatnonzero(bad)[0]))
                 held[a: a + chunk.shape[0]] = chunk
             if dtype == np.float16 and not np.isfinite(held).all():
                 raise DataError(self.paths["ims"], "features overflow float16 (|x| > 65504)",
@@ -114,9 +111,12 @@ class SplitData:
         row = i * self.image_stride
         x = np.asarray(self.features[row], dtype=np.float32)
         if not np.isfinite(x).all():
-            raise DataError(self.paths["ims"], f"row {row} (image {i}) contains NaN or Inf values",
-                            "re-extract the features of that image; NaN features would silently poison training")
+            raise self._non_finite(i)
         return x
+
+    def _non_finite(self, i: int) -> DataError:
+        return DataError(self.paths["ims"], f"row {i * self.image_stride} (image {i}) contains NaN or Inf values",
+                         "re-extract the features of that image; NaN features would silently poison training")
 
     def image_boxes(self, i: int) -> np.ndarray:
         assert self.boxes is not None

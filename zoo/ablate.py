@@ -170,24 +170,30 @@ def check_data(data: str, extra: list[str], data_root: str | Path = "data") -> N
         raise DataError(root, f"data folder not found for DATA={data}", LAYOUT_HELP)
 
 
-def _merged_callbacks(recipe: Path, row: Path) -> list | None:
-    """trainer.callbacks after merging recipe then row (a list in a later file replaces the earlier one)."""
-    cbs = None
-    for f in (recipe, row):
-        cfg = yaml.safe_load(f.read_text()) or {}
-        trainer = cfg.get("trainer") or {}
-        if "callbacks" in trainer:
-            cbs = trainer["callbacks"]
-    return cbs
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
-def checkpoint_callbacks(recipe: Path, row: Path, row_dir: Path) -> list | None:
+def merged_config(*files: Path | None) -> dict:
+    """The YAML files merged in order as the CLI layers them (nested keys merge; a list in a later file replaces
+    the earlier one); None entries are skipped."""
+    merged: dict = {}
+    for f in files:
+        if f is not None:
+            merged = _deep_merge(merged, yaml.safe_load(Path(f).read_text()) or {})
+    return merged
+
+
+def checkpoint_callbacks(recipe: Path, row: Path, row_dir: Path, sizes: Path | None = None) -> list | None:
     """The recipe's callbacks with every plain ModelCheckpoint pointed at <row dir>/checkpoints, save_last on.
 
     None when nothing needs changing (e.g. zoo.callbacks.ZooCheckpoint, which already writes
     <default_root_dir>/checkpoints/{best,last}.ckpt). best.ckpt/last.ckpt are what the runner resumes and tests.
     """
-    cbs = _merged_callbacks(recipe, row)
+    cbs = (merged_config(recipe, sizes, row).get("trainer") or {}).get("callbacks")
     if not isinstance(cbs, list):
         return None
     changed, out = False, []
@@ -203,23 +209,13 @@ def checkpoint_callbacks(recipe: Path, row: Path, row_dir: Path) -> list | None:
     return out if changed else None
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def effective_config(recipe: Path, sizes: Path | None, row: Path, extra: list[str] = ()) -> str:
     """The row's settings as one canonical string: recipe, sizes overlay and row merged (as the CLI layers
     them; a list in a later file replaces the earlier one), plus the extra lightning arguments. Two rows with
     the same string train the same model (e.g. "w/o B-3" of Table 6 and of Tables 2-4, or lambda = 0.5 and
     the base recipe), so the runner trains only the first."""
-    merged: dict = {}
-    for f in (recipe, sizes, row):
-        if f is not None:
-            merged = _deep_merge(merged, yaml.safe_load(Path(f).read_text()) or {})
-    return json.dumps({"config": merged, "extra": list(extra)}, sort_keys=True, default=str)
+    return json.dumps({"config": merged_config(recipe, sizes, row), "extra": list(extra)}, sort_keys=True,
+                      default=str)
 
 
 # ---- loggers --------------------------------------------------------------------------------------------
@@ -443,11 +439,11 @@ class Ablation:
         id_file = row_dir / "wandb_id"
         if not id_file.exists():  # fit and test of a row (and a resumed fit) log to the same W&B run
             id_file.write_text(f"{row.name[:20]}-{secrets.token_hex(4)}")
+        sizes = sizes_for(self.method, self.data, self.recipes)
         cfg = overlay(row, self.data, row_dir, stage, self.use_wandb, id_file.read_text().strip(),
-                      checkpoint_callbacks(recipe, row.path, row_dir))
+                      checkpoint_callbacks(recipe, row.path, row_dir, sizes))
         cfg_path = row_dir / f"ablate_{stage}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        sizes = sizes_for(self.method, self.data, self.recipes)
         cmd = [sys.executable, "-m", "zoo", stage, "--config", str(recipe)]
         cmd += ["--config", str(sizes)] if sizes else []
         cmd += ["--config", str(row.path),
@@ -516,12 +512,13 @@ class Ablation:
     def run(self, rows: list[Row]) -> list[RowResult]:
         start, done, ran_seconds = time.time(), [], []
         n = len(rows)
+        keys = [self.config_key(row) for row in rows]
         first_with: dict[str, Row] = {}
-        for row in rows:
-            first_with.setdefault(self.config_key(row), row)
+        for key, row in zip(keys, rows):
+            first_with.setdefault(key, row)
         trains = {id(r) for r in first_with.values()}  # the rows that will run (the others reuse one of them)
-        for k, row in enumerate(rows, 1):
-            same_as = first_with[self.config_key(row)]
+        for k, (key, row) in enumerate(zip(keys, rows), 1):
+            same_as = first_with[key]
             pending = [r for r in rows[k - 1:] if id(r) in trains and not (self.row_dir(r) / "results.json").exists()]
             eta = (sum(ran_seconds) / len(ran_seconds) * len(pending)) if ran_seconds else None
             eta_s = _fmt(eta) if eta is not None else "after the first row"

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from zoo.bench import coco_lengths
 from zoo.blocks import region_word_scores
 from zoo.blocks.semantic import block_global_weights, prediction_cosine
 from zoo.evaluation import score_blockwise
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     n_img, n_cap = args.images, 5 * args.images
-    lengths = (torch.randn(n_cap, generator=g) * 3 + 13).round().clamp(6, 30).long()
+    lengths = coco_lengths(n_cap, g)
     regions = torch.nn.functional.normalize(torch.randn(n_img, args.regions, args.dim, generator=g), dim=-1)
     words = torch.nn.functional.normalize(torch.randn(n_cap, int(lengths.max()), args.dim, generator=g), dim=-1)
     words = words * (torch.arange(words.shape[1])[None] < lengths[:, None])[..., None]

@@ -15,7 +15,6 @@ functions `attention_figure` / `context_figure` take a module and a datamodule (
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
 import matplotlib
@@ -34,15 +33,13 @@ from .blocks import attend  # noqa: E402
 
 
 def load_module(ckpt: str | Path):
-    """The LightningModule a checkpoint was trained as (the CLI records its class path), in eval mode on CPU."""
+    """The LightningModule a checkpoint was trained as (zoo.ensemble.load_model: the class the CLI recorded),
+    in eval mode on CPU."""
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (train one first, e.g. `make demo`)")
-    hp = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    class_path = hp.get("_class_path", "zoo.methods.CASCBase")
-    module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return cls.load_from_checkpoint(path, map_location="cpu").eval()
+    from .ensemble import load_model
+    return load_model(path)
 
 
 def datamodule_for(model, root: str | Path, split: str = "test") -> PrecompDataModule:
@@ -86,21 +83,16 @@ def _words(dm, tokens: torch.Tensor, n: int) -> list[str]:
     return [dm.vocab.idx2word[t] for t in tokens[:n].tolist()][1:-1]  # no <start>/<end>
 
 
-@torch.no_grad()
 def predicted_labels(model, dm, image: int, top_captions: int = 3, k: int = 10) -> list[tuple[str, float]]:
-    """CASC Fig. 4: the image's top-k (label, score), from A^I paired with its top retrieved test captions."""
+    """CASC Fig. 4: the image's top-k (label, score), from A^I paired with its top retrieved test captions
+    (CASC.image_label_words, named by the checkpoint's own label dictionary)."""
     if getattr(model, "label_head", None) is None:
         raise ValueError("this checkpoint has no label branch (CASC with global_branch: label predicts labels)")
     if model.label_words is None:
         raise ValueError("this checkpoint stores no label dictionary (saved before checkpoints carried "
                          "zoo_data.label_words): use CASC.image_label_words(datamodule, ...) with the training data's "
                          "label settings, or pass --labels 0 to draw the attention alone")
-    img = model.encode_images(_item_batch(dm, image))
-    caps = [model.encode_captions(b) for b in dm.test_dataloader()]
-    from .evaluation import cat_embeddings
-    cap = cat_embeddings(caps)
-    scores, ids = model.predict_image_labels(img, cap, top_captions, k)
-    return [(model.label_words[j], float(s)) for j, s in zip(ids[0].tolist(), scores[0].tolist())]
+    return model.image_label_words(dm, [image], top_captions, k)[0]
 
 
 @torch.no_grad()

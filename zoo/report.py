@@ -149,11 +149,8 @@ def kendall_tau(a: list[float], b: list[float]) -> float | None:
     n = len(a)
     if n < 2:
         return None
-    s = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            x, y = a[i] - a[j], b[i] - b[j]
-            s += (x > 0) - (x < 0) if y > 0 else -((x > 0) - (x < 0)) if y < 0 else 0
+    sign = lambda v: (v > 0) - (v < 0)  # noqa: E731
+    s = sum(sign(a[i] - a[j]) * sign(b[i] - b[j]) for i in range(n) for j in range(i + 1, n))
     return s / (n * (n - 1) / 2)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity, region_word_scores, triplet_ranking_loss
+from ..blocks.fast_attention import length_groups
 from ..blocks.functional import masked_mean, use_reference, wide
 from ..blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, global_label_similarity_pairs,
                                local_similarity, max_local_similarity, mean_pooled_cosine, paired_global_weights,
@@ -214,8 +215,9 @@ class CASC(CASCBase):
             return global_label_similarity_pairs(self.label_head, sc, img["regions_proj"], cap["words_proj"], **kw)
         out = torch.empty(regions.shape[0], lengths.shape[0], dtype=torch.promote_types(regions.dtype, torch.float32),
                           device=regions.device)
-        for n in torch.unique(lengths).tolist():
-            idx = torch.nonzero(lengths == n).squeeze(1)
+        order, groups = length_groups(lengths)
+        for start, count, n in groups:
+            idx = order[start : start + count]
             sc = region_word_scores(regions, words[idx, :n], lengths[idx])
             out[:, idx] = global_label_similarity_pairs(self.label_head, sc, img["regions_proj"],
                                                         cap["words_proj"][idx, :n], **kw).to(out.dtype)
@@ -366,7 +368,7 @@ class CASC(CASCBase):
 
         sims = score_blockwise(self.score, img, cap, self.eval_image_block, self.eval_caption_block)
         scores, ids = self.predict_image_labels(img, cap, top_captions, k, sims=sims)
-        words = datamodule.labels.words
+        words = self.label_words if self.label_words is not None else datamodule.labels.words
         return [[(words[j], float(s)) for j, s in zip(row_i, row_s)] for row_i, row_s in zip(ids.tolist(), scores)]
 
 
