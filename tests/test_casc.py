@@ -214,14 +214,30 @@ def test_local_branch_fast_path_equals_the_reference_with_gradients(f64, directi
         assert torch.allclose(a, b, atol=1e-10)
 
 
-def test_sg_pairs_per_caption_length_equal_the_padded_block(f64):
+@pytest.mark.parametrize("chunk", [None, 100, 1])
+def test_sg_fused_and_per_length_paths_equal_the_padded_block(f64, chunk, monkeypatch):
+    """S_G reading (a) three ways: from the fast scorer's Eq. (10) weights (evaluation; label tensors in pair
+    chunks of `chunk` elements), per caption length (when gradients are on), and the reference's padded block."""
+    import zoo.methods.casc as casc_module
     from zoo.blocks import reference_scoring
+    from zoo.blocks import semantic
+
+    if chunk is not None:
+        monkeypatch.setitem(semantic.LABEL_CHUNK_ELEMENTS, "cpu", chunk)  # 20 elements per pair: 5 pairs, 1 pair
+    calls = []
+    monkeypatch.setattr(casc_module, "pair_label_cosine",
+                        lambda *a, **k: calls.append(1) or semantic.pair_label_cosine(*a, **k))
     model = _model()
     img, cap = _random_emb(model, n_img=3, n_cap=6, lengths=(4, 1, 3, 4, 2, 3))
-    _, grouped = model.score_parts(img, cap)
-    with reference_scoring():  # one call over the whole padded block
+    with torch.no_grad():
+        _, fused = model.score_parts(img, cap)
+    assert calls, "evaluation did not take the fused path"
+    _, grouped = model.score_parts(img, cap)  # gradients on: weights per caption length
+    assert len(calls) == 1
+    with reference_scoring(), torch.no_grad():  # one call over the whole padded block
         _, padded = model.score_parts(img, cap)
-    assert grouped.shape == (3, 6) and torch.allclose(grouped, padded, atol=1e-12)
+    assert grouped.shape == fused.shape == (3, 6)
+    assert torch.allclose(grouped, padded, atol=1e-12) and torch.allclose(fused, padded, atol=1e-12)
 
 
 def test_label_head_has_its_own_schedule():

@@ -8,6 +8,7 @@ import yaml
 
 from conftest import write_split
 from datamodules import PrecompDataModule
+from zoo.blocks import reference_scoring
 from zoo.evaluation import cat_embeddings, score_blockwise
 from zoo.methods import CCCL
 
@@ -71,6 +72,30 @@ def test_blockwise_scoring_equals_slow_per_pair_loop(data_root, kw):
         for ib, cb in [(1, 1), (2, 7), (5, 25), (100, 100)]:
             fast = score_blockwise(model.score, img, cap, ib, cb)
             assert torch.allclose(fast, slow, atol=1e-5), (ib, cb)
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_context_gru": False, "use_vsf": False}])
+def test_training_loss_and_gradients_equal_per_pair_reference(data_root, kw):
+    """reference_scoring() runs the per-pair loop (slow_branch_scores) in training too: same loss, same grads."""
+    dm = _dm(data_root)
+    model = _model(dm, **kw).double().train()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    batch = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
+    results = []
+    for ref in (False, True):
+        model.zero_grad(set_to_none=True)
+        with reference_scoring(ref):
+            losses = model.training_losses(batch, model.encode_images(batch), model.encode_captions(batch))
+        loss = sum(losses.values())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (fast_loss, fast_g), (ref_loss, ref_g) = results
+    assert float(fast_loss) > 0
+    assert torch.allclose(fast_loss, ref_loss, atol=1e-10)
+    assert fast_g.keys() == ref_g.keys() and len(fast_g) > 10
+    for name in fast_g:
+        assert torch.allclose(fast_g[name], ref_g[name], atol=1e-9), name
 
 
 def test_padded_words_never_change_a_score(data_root):

@@ -225,8 +225,14 @@ def test_bench_runs_and_prints_ratios(capsys):
 
     bench.main(["--images", "3", "--train-batch", "4", "--dim", "16", "--vocab", "30", "--repeats", "1"])
     out = capsys.readouterr().out
-    for what in ("eval  fast", "eval  reference", "train fast", "train reference", "pairs/s", "ms/step", "x  "):
-        assert what in out, what
+    table = out[out.rindex("method "):]  # the summary table
+    for method in ("casc_base", "casc", "cccl"):  # every registered method, fast and reference, eval and train
+        for what in ("eval  fast", "eval  reference", "train fast", "train reference"):
+            assert any(line.startswith(f"{method} ") and what in line for line in table.splitlines()), (method, what)
+    for what in ("pairs/s", "ms/step", "x  "):
+        assert what in table, what
+    diffs = [float(part.split(")")[0]) for part in table.split("max |fast-ref| ")[1:]]
+    assert len(diffs) == 6 and max(diffs) < 1e-4  # the two paths scored the same grid alike
 
 
 def test_bench_registry_is_by_method_class():
@@ -317,3 +323,31 @@ def test_per_direction_pooling_fast_equals_reference():
     for k in ("i2t", "t2i"):
         assert torch.allclose(ref[k], fast[k], atol=1e-5)
     assert not torch.allclose(ref["i2t"], mean_only["i2t"])  # the override took effect
+
+
+@pytest.mark.parametrize("norm", [n for n in SCORE_NORMS if n != "softmax"])
+@pytest.mark.parametrize("chunk", [None, 0, 37])
+def test_global_weights_from_the_fast_scorer_equal_eq10_reference(norm, chunk):
+    """CASC Eq. (10)'s weights as a by-product of the fast scorer (S_G reading (a) without a second contraction)
+    equal semantic.block_global_weights on the padded block, in the chunked and the whole-block paths."""
+    images, captions, lengths = _batch()
+    kw = dict(norm=norm, lambda_i2t=4.0, lambda_t2i=9.0, agg_i2t="lse")
+    with torch.no_grad():
+        ref = _both(images, captions, lengths, True, global_weights=True, **kw)
+        fast = fast_similarity(images, captions, lengths, chunk_elements=chunk, global_weights=True, **kw)
+    assert set(fast) == set(ref) == {"i2t", "t2i", "w_regions", "w_words"}
+    for k in ref:
+        assert fast[k].shape == ref[k].shape, k
+        assert torch.allclose(fast[k], ref[k].to(fast[k].dtype), atol=1e-12, rtol=0), k
+    pad = torch.arange(captions.shape[1])[None] >= lengths[:, None]
+    assert (fast["w_words"][:, pad] == 0).all()
+    ones = torch.ones(images.shape[0], len(lengths), dtype=torch.float64)
+    assert torch.allclose(fast["w_words"].sum(-1), ones) and torch.allclose(fast["w_regions"].sum(-1), ones)
+
+
+def test_global_weights_bad_requests_are_reported():
+    images, captions, lengths = _batch(dtype=torch.float32)
+    with pytest.raises(ValueError, match="both attention directions"):
+        fast_similarity(images, captions, lengths, t2i=False, global_weights=True)
+    with pytest.raises(ValueError, match="evaluation-only"):
+        fast_similarity(images.requires_grad_(), captions, lengths, global_weights=True)

@@ -36,7 +36,7 @@ import torch
 
 from zoo.blocks import reference_scoring
 from zoo.evaluation import Emb, auto_blocks, score_blockwise
-from zoo.methods import CASCBase
+from zoo.methods import CASC, CCCL, CASCBase
 
 
 # ---- what a method provides ----------------------------------------------------------------------------
@@ -44,6 +44,8 @@ class BenchSpec:
     """How to benchmark one method class. Subclass and register with @register_bench(MethodClass)."""
 
     name = "method"
+    default_images = 100  # evaluation grid (images x 5 images captions) when --images is not given
+    default_batches: tuple[int, ...] = (128,)  # training batch sizes when --train-batch is not given
 
     def make_model(self, dim: int, vocab: int) -> torch.nn.Module:
         raise NotImplementedError
@@ -104,6 +106,79 @@ class CASCBaseBench(BenchSpec):
         lengths = coco_lengths(batch, g)
         return {"images": torch.randn(batch, self.regions, self.feature_dim, generator=g),
                 "tokens": random_tokens(lengths, vocab, g), "lengths": lengths, "image_ids": torch.arange(batch)}
+
+
+@register_bench(CASC)
+class CASCBench(CASCBaseBench):
+    """CASC with its label branch (K labels): S_G reading (a) in evaluation, the label loss in training. The
+    reference column is CASC's reference path: the slow local scorer and S_G over the padded block."""
+
+    name = "casc"
+    labels = 500  # the paper's K
+
+    def make_model(self, dim: int, vocab: int) -> torch.nn.Module:
+        return CASC(vocab_size=vocab, num_labels=self.labels, feature_dim=self.feature_dim, embed_dim=dim,
+                    fold_size=None)
+
+    def eval_inputs(self, model, n_images, dim, g):
+        img, cap = super().eval_inputs(model, n_images, dim, g)
+        head = model.label_head
+        with torch.no_grad():  # per item, as CASC.encode_images / encode_captions do
+            w = head.fc1.weight.detach().cpu()
+            img["regions_proj"] = torch.nn.functional.linear(img["regions"], w)
+            cap["words_proj"] = torch.nn.functional.linear(cap["words"], w)
+        img["image_ids"] = torch.arange(n_images)
+        cap["caption_ids"] = torch.arange(cap["words"].shape[0])
+        return img, cap
+
+    def train_batch(self, model, batch, vocab, g):
+        labels = (torch.rand(batch, self.labels, generator=g) < 0.01).float()  # ~5 labels per image
+        return {**super().train_batch(model, batch, vocab, g), "labels": labels, "caption_ids": torch.arange(batch)}
+
+
+@register_bench(CCCL)
+class CCCLBench(BenchSpec):
+    """CCCL (BiGRU text encoder, "w/o BERT"; all three branches, VSF, MLP scorer) at d, P = 256.
+
+    The reference column is CCCL's per-pair loop (CCCLNet.slow_branch_scores, nn.GRU per pair), so the default
+    sizes are small: Branch 3's context GRU runs per pair (~2 x 49 GRU steps at d = 1024), which makes CCCL
+    orders of magnitude costlier per pair than CASC on any path."""
+
+    name = "cccl"
+    regions = 36
+    feature_dim = 2048
+    default_images = 4
+    default_batches = (8,)
+
+    def make_model(self, dim: int, vocab: int) -> torch.nn.Module:
+        return CCCL(vocab_size=vocab, feature_dim=self.feature_dim, embed_dim=dim, sim_dim=min(256, dim),
+                    text_encoder="bigru", fold_size=None)
+
+    def _images(self, n: int, g: torch.Generator) -> dict:
+        corner = torch.rand(n, self.regions, 2, generator=g) * 0.6
+        return {"images": torch.randn(n, self.regions, self.feature_dim, generator=g),
+                "boxes": torch.cat([corner, corner + 0.1 + 0.3 * torch.rand(n, self.regions, 2, generator=g)], -1)}
+
+    def _captions(self, n: int, vocab: int, g: torch.Generator) -> dict:
+        lengths = coco_lengths(n, g)
+        length = int(lengths.max())
+        adjacency = torch.zeros(n, length, length)
+        for c, m in enumerate(lengths.tolist()):  # a chain of dependency arcs over the words (not <start>/<end>)
+            i = torch.arange(1, m - 2)
+            adjacency[c, i, i + 1] = adjacency[c, i + 1, i] = 1.0
+        return {"tokens": random_tokens(lengths, vocab, g), "lengths": lengths, "adjacency": adjacency}
+
+    def eval_inputs(self, model, n_images, dim, g):
+        dev = next(model.parameters()).device
+        vocab = model.net.bigru.embed.num_embeddings
+        raw_img, raw_cap = self._images(n_images, g), self._captions(5 * n_images, vocab, g)
+        with torch.no_grad():
+            img = model.encode_images({k: v.to(dev) for k, v in raw_img.items()})
+            cap = model.encode_captions({k: v.to(dev) for k, v in raw_cap.items()})
+        return img, cap
+
+    def train_batch(self, model, batch, vocab, g):
+        return {**self._images(batch, g), **self._captions(batch, vocab, g), "image_ids": torch.arange(batch)}
 
 
 # ---- measuring -------------------------------------------------------------------------------------------
@@ -282,10 +357,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = {spec.name: spec for spec in BENCHES.values()}
     ap.add_argument("--methods", nargs="+", default=list(names), choices=list(names))
-    ap.add_argument("--images", type=int, nargs="*", default=[100],
-                    help="evaluation sizes: images (x5 captions); none = skip evaluation")
-    ap.add_argument("--train-batch", type=int, nargs="*", default=[128],
-                    help="training-step batch sizes; none = skip training")
+    ap.add_argument("--images", type=int, nargs="*", default=None,
+                    help="evaluation sizes: images (x5 captions); none = skip evaluation; default per method "
+                         "(casc_base, casc: 100; cccl: 4)")
+    ap.add_argument("--train-batch", type=int, nargs="*", default=None,
+                    help="training-step batch sizes; none = skip training; default per method (128; cccl: 8)")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=10000)
     ap.add_argument("--image-block", type=int, default=0, help="0 = sized by zoo.evaluation.auto_blocks")
@@ -308,13 +384,13 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for name in args.methods:
         spec = names[name]
-        for n in args.images:
+        for n in (spec.default_images,) if args.images is None else args.images:
             torch.manual_seed(0)
             model = spec.make_model(args.dim, args.vocab).to(dev).eval()
             rows += bench_eval(spec, model, n, args, dev, dtype)
             print(format_rows([r for r in rows if r.method == name and r.task == "eval"][-2:]).split("\n", 1)[1],
                   flush=True)
-        for b in args.train_batch:
+        for b in spec.default_batches if args.train_batch is None else args.train_batch:
             rows += bench_train(spec, args, b, dev, dtype)
             print(format_rows(rows[-2:]).split("\n", 1)[1], flush=True)
     print()

@@ -113,10 +113,15 @@ def _pool(x: torch.Tensor, dim: int, agg: str, t: float) -> torch.Tensor:
     return torch.logsumexp(x * t, dim=dim) / t
 
 
-def _i2t_group(x, z, word_norms, word_gram, smooth, agg, t, inplace):
-    """x [I, R, n, l] cosines, z the logits; regions (dim 1) attend over words (dim 3). -> [I, n]."""
+def _i2t_group(x, z, word_norms, word_gram, smooth, agg, t, inplace, weights=None):
+    """x [I, R, n, l] cosines, z the logits; regions (dim 1) attend over words (dim 3). -> [I, n].
+
+    weights: a list to append CASC Eq. (10)'s word weights to, the mean over regions of the attention
+    weights, [I, n, l] (all l words of a length group are real)."""
     e = _exp(z, 3, smooth, inplace)
     denom = e.sum(3)  # [I, R, n]
+    if weights is not None:
+        weights.append((e / denom.unsqueeze(3)).mean(1))
     e = e.mul_(word_norms) if inplace else e * word_norms  # w_k = E_k |c_k|
     num = (e * x).sum(3)
     # quadratic form per caption c: [I*R, l] @ U_c[l, l]
@@ -126,11 +131,16 @@ def _i2t_group(x, z, word_norms, word_gram, smooth, agg, t, inplace):
     return _pool(per_region, 1, agg, t)
 
 
-def _t2i_group(x, z, region_norms, region_gram, smooth, agg, t, inplace):
-    """x [I, R, n, l] cosines, z the logits; words (dim 3) attend over regions (dim 1). -> [I, n]."""
+def _t2i_group(x, z, region_norms, region_gram, smooth, agg, t, inplace, weights=None):
+    """x [I, R, n, l] cosines, z the logits; words (dim 3) attend over regions (dim 1). -> [I, n].
+
+    weights: a list to append CASC Eq. (10)'s region weights to, the mean over words of the attention weights,
+    [I, R, n]."""
     i, r, n, l = x.shape
     e = _exp(z, 1, smooth, inplace)
     denom = e.sum(1)  # [I, n, l]
+    if weights is not None:
+        weights.append((e / denom.unsqueeze(1)).mean(3))
     rn = region_norms[:, :, None, None]
     e = e.mul_(rn) if inplace else e * rn
     num = (e * x).sum(1)
@@ -155,10 +165,11 @@ class _Config:
 _EMPTY = torch.empty(0)
 
 
-def _group_scores(x, wn, wg, rn, rg, cfg: _Config, inplace: bool):
+def _group_scores(x, wn, wg, rn, rg, cfg: _Config, inplace: bool, weights: list | None = None):
     """(S_I2T [I, n], S_T2I [I, n]) of one length group, x [I, R, n, l] its cosines (None for an unasked direction).
 
     inplace=True (no gradient): scratch tensors are overwritten instead of allocated; x itself is never modified.
+    weights: a list that receives Eq. (10)'s weights, word weights [I, n, l] then region weights [I, R, n].
     """
     norm, t = cfg.norm, cfg.lse_temperature
     act = _activation(x, norm)
@@ -169,10 +180,10 @@ def _group_scores(x, wn, wg, rn, rg, cfg: _Config, inplace: bool):
     s1 = s2 = None
     if cfg.i2t:
         z = _logits(x, act, f1, norm, 1, cfg.lambda_i2t, out=sq if inplace and sq is not None else None)
-        s1 = _i2t_group(x, z, wn, wg, cfg.lambda_i2t, cfg.agg_i2t, t, inplace)
+        s1 = _i2t_group(x, z, wn, wg, cfg.lambda_i2t, cfg.agg_i2t, t, inplace, weights)
     if cfg.t2i:
         z = _logits(x, act, f2, norm, 3, cfg.lambda_t2i, out=act if inplace and own else None)
-        s2 = _t2i_group(x, z, rn, rg, cfg.lambda_t2i, cfg.agg_t2i, t, inplace)
+        s2 = _t2i_group(x, z, rn, rg, cfg.lambda_t2i, cfg.agg_t2i, t, inplace, weights)
     return s1, s2
 
 
@@ -307,7 +318,8 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
                                i2t: bool = True, t2i: bool = True, lambda_i2t: float = 9.0,
                                lambda_t2i: float = 4.0, norm: str = "clipped_l2", agg: str = "mean",
                                lse_temperature: float = 6.0, chunk_elements: int | None = None,
-                               agg_i2t: str | None = None, agg_t2i: str | None = None) -> dict[str, torch.Tensor]:
+                               agg_i2t: str | None = None, agg_t2i: str | None = None,
+                               global_weights: bool = False) -> dict[str, torch.Tensor]:
     """S_I2T and S_T2I (CASC Eqs. (3)-(7)) of every image with every caption: {'i2t': [I, C], 't2i': [I, C]}.
 
     Same arguments and results as the reference `attention.i2t_similarity` / `t2i_similarity`
@@ -315,8 +327,16 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
     pools I2T with LogSumExp and T2I with the mean). chunk_elements: working-set size of one chunk (None = a cache-sized
     default on CPU when no gradient is needed; 0 = whole block; ignored when a gradient is needed: the fused
     backward walks image slabs itself).
+    global_weights: also return CASC Eq. (10)'s weights of every pair from the same attention weights (no second
+    contraction): 'w_regions' [I, C, R] (mean over real words of the T2I weights) and 'w_words' [I, C, L] (mean
+    over regions of the I2T weights, 0 on padding), float32; A^I = sum_r w_r v_r, A^T = sum_l w_l t_l.
+    Evaluation only (no gradient), both directions.
     """
     agg_i2t, agg_t2i = agg_i2t or agg, agg_t2i or agg
+    if global_weights and not (i2t and t2i):
+        raise ValueError("global_weights needs both attention directions (i2t=True, t2i=True)")
+    if global_weights and norm == "softmax":
+        raise ValueError("global_weights is not available for norm='softmax'")
     for a in (agg_i2t, agg_t2i):
         _check(images, captions, lengths, norm, a)
     n_img, n_reg, d = images.shape
@@ -326,8 +346,15 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
     images, captions = images.to(dtype), captions.to(dtype)
     out = [k for k, on in (("i2t", i2t), ("t2i", t2i)) if on]
     if n_img == 0 or n_cap == 0 or not out:
-        return {k: torch.zeros(n_img, n_cap, dtype=torch.float32, device=dev) for k in out}
+        empty = {k: torch.zeros(n_img, n_cap, dtype=torch.float32, device=dev) for k in out}
+        if global_weights:
+            empty["w_regions"] = torch.zeros(n_img, n_cap, n_reg, dtype=torch.float32, device=dev)
+            empty["w_words"] = torch.zeros(n_img, n_cap, captions.shape[1], dtype=torch.float32, device=dev)
+        return empty
     grad = torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad)
+    if global_weights and grad:
+        raise ValueError("global_weights is evaluation-only: call it under torch.no_grad()")
+    weight_keys = ("w_words", "w_regions") if global_weights else ()
     order, groups = length_groups(lengths)
     # packed real words in sorted order: group g occupies rows [sum of earlier n*l, + n_g * l_g) of `packed`.
     # One index_select (its backward is one index_add), not a slice per group (a full-size zero tensor each).
@@ -354,6 +381,9 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
         # few, large ops (each op is an OpenMP region: many small ones stall on a busy machine)
         res_dtype = torch.promote_types(dtype, torch.float32)
         res_sorted = {k: torch.empty(n_img, n_cap, dtype=res_dtype, device=dev) for k in out}
+        if global_weights:
+            res_sorted["w_words"] = torch.zeros(n_img, n_cap, n_len, dtype=res_dtype, device=dev)
+            res_sorted["w_regions"] = torch.empty(n_img, n_cap, n_reg, dtype=res_dtype, device=dev)
         col = 0
         for g, (s0, n, l) in enumerate(groups):
             m_step = max(1, min(n, chunk_elements // (n_reg * l)))  # captions per slab (all, unless huge)
@@ -368,9 +398,14 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
                     ru = region_unit[i0 : i0 + ic]
                     icc = ru.shape[0]
                     x = wide(ru.reshape(icc * n_reg, d) @ words_t).view(icc, n_reg, m, l)  # CASC Eq. (3)
+                    w = [] if global_weights else None
                     with torch.autocast(dev.type, enabled=False):
                         s1, s2 = _group_scores(x, wn, wg, region_norms[i0 : i0 + icc],
-                                               region_gram[i0 : i0 + icc] if t2i else None, cfg, inplace=True)
+                                               region_gram[i0 : i0 + icc] if t2i else None, cfg, inplace=True,
+                                               weights=w)
+                    if global_weights:
+                        res_sorted["w_words"][i0 : i0 + icc, s0 + k : s0 + k + m, :l] = w[0]
+                        res_sorted["w_regions"][i0 : i0 + icc, s0 + k : s0 + k + m] = w[1].transpose(1, 2)
                     if i2t:
                         res_sorted["i2t"][i0 : i0 + icc, s0 + k : s0 + k + m] = s1
                     if t2i:
@@ -381,7 +416,7 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
     cos_all = wide(region_unit.reshape(n_img * n_reg, d) @ word_unit.T)  # CASC Eq. (3), [I * R, W]
     # split (not slicing): its backward is one concatenation instead of a full-size zero tensor per group
     parts = cos_all.split(group_sizes, dim=1)
-    res = {k: [] for k in out}
+    res = {k: [] for k in (*out, *weight_keys)}
     with torch.autocast(dev.type, enabled=False):
         for (s, n, l), part, wn, wg in zip(groups, parts, word_norms.split(group_sizes), word_grams):
             x = part.view(n_img, n_reg, n, l)
@@ -389,7 +424,11 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
                 x = x.contiguous()  # saved for the backward: strided views make every pass there slower
             wn = wn.view(n, l)
             if not grad:
-                s1, s2 = _group_scores(x, wn, wg, region_norms, region_gram, cfg, inplace=True)
+                w = [] if global_weights else None
+                s1, s2 = _group_scores(x, wn, wg, region_norms, region_gram, cfg, inplace=True, weights=w)
+                if global_weights:
+                    res["w_words"].append(F.pad(w[0], (0, n_len - l)))
+                    res["w_regions"].append(w[1].transpose(1, 2))
             elif norm.endswith("l2"):  # fused forward/backward, see _GroupScores
                 s1, s2 = _GroupScores.apply(x, wn, wg if i2t else _EMPTY, region_norms,
                                             region_gram if t2i else _EMPTY, cfg)

@@ -117,6 +117,38 @@ def global_label_similarity_pairs(head: LabelHead, sc: RegionWordScores, regions
     return prediction_cosine(logits_img, logits_txt)
 
 
+# elements of one chunk's per-pair label tensors ([pairs, hidden] and [pairs, K], both modalities): cache-sized on
+# the CPU; on a GPU large enough to saturate it and small enough (256 MB each) to stay below the scorer's own
+# working set, which is freed before S_G runs, so a block's peak is not raised (zoo.evaluation.auto_blocks)
+LABEL_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
+
+
+def pair_label_cosine(head: LabelHead, w_regions: torch.Tensor, regions_proj: torch.Tensor, w_words: torch.Tensor,
+                      words_proj: torch.Tensor, max_elements: int | None = None) -> torch.Tensor:
+    """S_G, reading (a), from Eq. (10) weights: cos(sigmoid(head(A^I)), sigmoid(head(A^T))) for every pair, [I, C].
+
+    Same arguments as pair_label_logits; the pairs are walked in chunks of at most `max_elements` elements of
+    per-pair label tensors (None = LABEL_CHUNK_ELEMENTS for the device), so a block's memory does not grow with
+    K and the hidden size, and on the CPU each chunk stays in cache. Chunking changes no value.
+    """
+    n_i, n_c = w_regions.shape[:2]
+    dev = w_regions.device
+    if max_elements is None:
+        max_elements = LABEL_CHUNK_ELEMENTS.get(dev.type, LABEL_CHUNK_ELEMENTS["cuda"])
+    per_pair = 2 * (head.fc1.out_features + head.fc2.out_features)
+    pairs = max(1, max_elements // per_pair)
+    cc = max(1, min(n_c, pairs))
+    ic = max(1, min(n_i, pairs // cc))
+    out = torch.empty(n_i, n_c, dtype=torch.promote_types(w_regions.dtype, torch.float32), device=dev)
+    for c0 in range(0, n_c, cc):
+        for i0 in range(0, n_i, ic):
+            logits_img, logits_txt = pair_label_logits(head, w_regions[i0 : i0 + ic, c0 : c0 + cc],
+                                                       regions_proj[i0 : i0 + ic], w_words[i0 : i0 + ic, c0 : c0 + cc],
+                                                       words_proj[c0 : c0 + cc])
+            out[i0 : i0 + ic, c0 : c0 + cc] = prediction_cosine(logits_img, logits_txt)
+    return out
+
+
 def global_label_similarity_labels(image_logits: torch.Tensor, caption_labels: torch.Tensor) -> torch.Tensor:
     """S_G, reading (b) (printed text): cos(predicted labels of the image [I, K], label vector of the caption [C, K]).
 

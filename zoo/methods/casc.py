@@ -26,8 +26,8 @@ from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity
 from ..blocks.fast_attention import length_groups
 from ..blocks.functional import masked_mean, use_reference, wide
 from ..blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, global_label_similarity_pairs,
-                               local_similarity, max_local_similarity, mean_pooled_cosine, paired_global_weights,
-                               prediction_cosine, weighted_label_bce)
+                               local_similarity, max_local_similarity, mean_pooled_cosine, pair_label_cosine,
+                               paired_global_weights, prediction_cosine, weighted_label_bce)
 from ..evaluation import Emb, gather_padded
 from ..metrics import RetrievalMetrics
 from .casc_base import CASCBase
@@ -178,13 +178,17 @@ class CASC(CASCBase):
         # its own per caption length); the attention branch goes through the shared scorer (fast path,
         # `reference_scoring()` for the slow one)
         sc = region_word_scores(img["regions"], cap["words"], cap["lengths"]) if hp.local == "max" else None
+        # S_G reading (a) needs the same attention weights as the local term (same lambdas and normalisation):
+        # in evaluation the fast scorer hands them over (Eq. (10) weights), no second contraction or softmax
+        fused_sg = (with_global and self._pair_labels and hp.local == "attention" and hp.direction == "both"
+                    and hp.score_norm != "softmax" and not use_reference() and not torch.is_grad_enabled())
         s_loc = None
         if hp.local == "attention":
             s = cross_attention_similarity(img["regions"], cap["words"], cap["lengths"], i2t=hp.direction != "t2i",
                                            t2i=hp.direction != "i2t", lambda_i2t=hp.lambda_i2t,
                                            lambda_t2i=hp.lambda_t2i, norm=hp.score_norm,
                                            agg_i2t=hp.aggregation_i2t, agg_t2i=hp.aggregation_t2i,
-                                           lse_temperature=hp.lse_temperature)
+                                           lse_temperature=hp.lse_temperature, global_weights=fused_sg)
             s_loc = local_similarity(s.get("i2t"), s.get("t2i"), average=hp.local_fusion == "average")
         elif hp.local == "max":
             s_loc = max_local_similarity(sc)
@@ -193,6 +197,9 @@ class CASC(CASCBase):
             pass
         elif hp.global_branch == "cosine":
             s_g = mean_pooled_cosine(img["regions"], cap["words"], cap["lengths"])
+        elif fused_sg:
+            s_g = pair_label_cosine(self.label_head, s["w_regions"], img["regions_proj"], s["w_words"],
+                                    cap["words_proj"])
         elif self._pair_labels:
             s_g = self._pair_label_similarity(img, cap)
         elif self.uses_labels and self.sg_reading == "caption_labels":
@@ -204,9 +211,10 @@ class CASC(CASCBase):
         return s_loc, s_g
 
     def _pair_label_similarity(self, img: Emb, cap: Emb) -> torch.Tensor:
-        """S_G reading (a) of a block, [I, C]: captions of one length at a time, trimmed to it, so the
-        [I, n, R, l] attention weights carry no padding (same values as one call over the padded block; the
-        fast path falls back to that call under `reference_scoring()`)."""
+        """S_G reading (a) of a block, [I, C], where the local scorer does not hand over the weights (other local
+        branches, one direction, training-time calls): captions of one length at a time, trimmed to it, so the
+        [I, n, R, l] attention weights carry no padding (same values as one call over the padded block, which is
+        what runs under `reference_scoring()`)."""
         hp = self.hparams
         kw = dict(smooth_i2t=hp.lambda_i2t, smooth_t2i=hp.lambda_t2i, norm=hp.score_norm)
         regions, words, lengths = img["regions"], cap["words"], cap["lengths"]

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...blocks import BiGRUTextEncoder, attend, lengths_to_mask
 from ...blocks.bert import BertWordEncoder
+from ...blocks.functional import use_reference
 from ...blocks.cpc import TextContextEmbedding, VisualContextEmbedding
 from ...blocks.graph import (ContextGRU, ResidualGCN, dependency_edges, full_edges, gru_input_projection,
                              pair_gru_last_state, slow_pair_gru_last_state)
@@ -164,7 +165,10 @@ class CCCLNet(nn.Module):
         return out
 
     def branch_scores(self, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
-        """Scalar scores S^S, S^O, S^R [I, C] (Eq. 28) for one block of pairs (no chunking)."""
+        """Scalar scores S^S, S^O, S^R [I, C] (Eq. 28) for one block of pairs (no chunking); the per-pair loop
+        (slow_branch_scores) inside `zoo.blocks.reference_scoring()`."""
+        if use_reference():
+            return self.slow_branch_scores(img, cap)
         return {b: self.scorer(s, b) for b, s in self.branch_sims(img, cap).items()}
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
@@ -189,33 +193,41 @@ class CCCLNet(nn.Module):
         return out
 
     # ---- the slow reference -----------------------------------------------------------------------
-    @torch.no_grad()
-    def slow_score(self, img: Emb, cap: Emb) -> torch.Tensor:
-        """F for every pair by a Python loop over pairs, each branch written out per pair (tests only)."""
+    def slow_branch_scores(self, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
+        """Branch scores [I, C] by a Python loop over pairs, each branch written out per pair with nn.GRU.
+
+        The obviously-correct reference of `branch_scores` (tested equal, values and gradients); what
+        `zoo.blocks.reference_scoring()` switches evaluation, training and `make bench`'s reference column to.
+        """
         n_img, n_cap = img["regions"].shape[0], cap["words"].shape[0]
-        out = torch.empty(n_img, n_cap, dtype=torch.float64)
+        if n_img == 0 or n_cap == 0:
+            return {b: img["regions"].new_zeros(n_img, n_cap) for b in self.branches}
+        rows: dict[str, list[list[torch.Tensor]]] = {b: [[] for _ in range(n_img)] for b in self.branches}
         for i in range(n_img):
             v = img["regions"][i]
             for c in range(n_cap):
                 m = int(cap["n_words"][c])
                 t = cap["words"][c, :m]
-                scores = []
                 if "global" in self.branches:
                     s = self.sims["global"](img["global"][i], cap["global"][c])
-                    scores.append(self.scorer(s, "global"))
+                    rows["global"][i].append(self.scorer(s, "global"))
                 if "local" in self.branches:
                     u_t, _ = attend(v[None], t[None], smooth=self.attention_smooth, norm="relu_l2")
                     s1 = self.sims["v2t"](v, u_t[0]).mean(0)
                     u_v, _ = attend(t[None], v[None], smooth=self.attention_smooth, norm="relu_l2")
                     s2 = self.sims["t2v"](t, u_v[0]).mean(0)
                     s = s1 + s2 if self.sims["v2t"].use_vsf else 0.5 * (s1 + s2)
-                    scores.append(self.scorer(s, "local"))
+                    rows["local"][i].append(self.scorer(s, "local"))
                 if "relational" in self.branches:
                     ctx = self.use_context_gru
                     v_r = slow_pair_gru_last_state(self.gru.image_gru, cap["global"][c] if ctx else None,
                                                    img["nodes"][i], img["nodes"].shape[1])
                     t_r = slow_pair_gru_last_state(self.gru.text_gru, img["global"][i] if ctx else None,
                                                    cap["nodes"][c], m)
-                    scores.append(self.scorer(self.sims["relational"](v_r, t_r), "relational"))
-                out[i, c] = torch.stack(scores).mean()
-        return out
+                    rows["relational"][i].append(self.scorer(self.sims["relational"](v_r, t_r), "relational"))
+        return {b: torch.stack([torch.stack(r) for r in per_img]) for b, per_img in rows.items()}
+
+    @torch.no_grad()
+    def slow_score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        """F for every pair by the per-pair loop (slow_branch_scores), float64 [I, C] (tests)."""
+        return fuse_scores(self.slow_branch_scores(img, cap)).double()
