@@ -185,19 +185,29 @@ def test_auto_blocks_fit_memory_and_cap():
     assert pair_cost({"v": torch.zeros(3, 4)}, {"t": torch.zeros(5, 4)}) == 1
 
 
-def test_recall_fast_equals_reference_on_synthscenes(tmp_path):
-    """A briefly trained CASC-base: R@K from the fast path equal to the reference's within 0.1."""
+@pytest.mark.parametrize("method", ["casc_base", "casc", "cccl"])
+def test_recall_fast_equals_reference_on_synthscenes(tmp_path, method):
+    """A briefly trained model of each method: R@K from the fast path equal to the reference's within 0.1."""
     from datamodules import SynthScenesDataModule
     from zoo.evaluation import cat_embeddings
-    from zoo.methods import CASCBase
+    from zoo.methods import CASC, CCCL, CASCBase
 
+    extra = {"casc_base": {}, "casc": {"with_labels": True},
+             "cccl": {"with_boxes": True, "with_graphs": True, "parser": "spacy"}}[method]
     dm = SynthScenesDataModule(str(tmp_path / "s"), n_train=40, n_dev=5, n_test=20, num_regions=12, feature_dim=32,
-                               batch_size=20, eval_batch_size=20, num_workers=0, vocab_min_count=1)
+                               batch_size=20, eval_batch_size=20, num_workers=0, vocab_min_count=1, **extra)
     dm.prepare_data()
     dm.setup("fit")
     torch.manual_seed(0)
-    model = CASCBase(vocab_size=dm.vocab_size, feature_dim=32, embed_dim=16, word_dim=16, fold_size=None,
-                     eval_image_block=7, eval_caption_block=11)
+    common = dict(vocab_size=dm.vocab_size, feature_dim=32, embed_dim=16, word_dim=16, fold_size=None,
+                  eval_image_block=7, eval_caption_block=11)
+    if method == "casc_base":
+        model = CASCBase(**common)
+    elif method == "casc":
+        model = CASC(**common)
+    else:
+        model = CCCL(**common, sim_dim=8, text_encoder="bigru")
+    model.configure_from_data(dm)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(2):
         for batch in dm.train_dataloader():
@@ -282,6 +292,21 @@ def test_text_encoder_gather_equals_pad_packed_sequence():
     g_ref = torch.autograd.grad((ref ** 2 * weights).sum(), list(enc.parameters()))
     for a, b in zip(g_got, g_ref):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gru_direction_backward_passes_gradcheck(reverse):
+    """The hand-written GRU backward (one recurrent-weight product for all steps) against finite differences,
+    with sequences ending at different steps (packed batch sizes 4, 4, 3, 1)."""
+    from zoo.blocks.encoders import _GRUDirection
+
+    g = torch.Generator().manual_seed(0)
+    h = 3
+    batch_sizes = [4, 4, 3, 1]
+    gi = torch.randn(sum(batch_sizes), 3 * h, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(3 * h, h, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    b = torch.randn(3 * h, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c, d: _GRUDirection.apply(a, c, d, batch_sizes, reverse), (gi, w, b))
 
 
 def test_fused_backward_in_image_slabs_equals_reference(monkeypatch):

@@ -97,7 +97,8 @@ def _bigru_mean_packed(rnn: nn.GRU, data: torch.Tensor, batch_sizes: list[int]) 
     The same equations and weights as nn.GRU (r, z, n gates; h' = (1 - z) n + z h), stepped in Python over the
     packed time steps. Faster on the CPU in training than ATen's packed GRU, whose backward fills a zero
     tensor of the whole input projection for every time step; every split here has a one-concatenation
-    backward. Tested against nn.GRU (tests/test_speed.py); the reference path (reference_scoring) uses nn.GRU.
+    backward, and whose weight gradient is formed per time step (see _GRUDirection). Tested against nn.GRU
+    (tests/test_speed.py); the reference path (reference_scoring) uses nn.GRU.
     """
     h_size = rnn.hidden_size
     w_ih = torch.cat([rnn.weight_ih_l0, rnn.weight_ih_l0_reverse])
@@ -106,34 +107,100 @@ def _bigru_mean_packed(rnn: nn.GRU, data: torch.Tensor, batch_sizes: list[int]) 
     # the recurrence runs in the weights' dtype (float32 under autocast: a bf16 state would round at every step)
     with torch.autocast(data.device.type, enabled=False):
         gi_f, gi_b = gi.to(rnn.weight_hh_l0.dtype).split(3 * h_size, dim=1)
-        steps_f, steps_b = gi_f.split(batch_sizes), gi_b.split(batch_sizes)
-        out_f = _gru_steps(steps_f, rnn.weight_hh_l0, rnn.bias_hh_l0, batch_sizes, reverse=False)
-        out_b = _gru_steps(steps_b, rnn.weight_hh_l0_reverse, rnn.bias_hh_l0_reverse, batch_sizes, reverse=True)
+        out_f = _gru_steps(gi_f, rnn.weight_hh_l0, rnn.bias_hh_l0, batch_sizes, reverse=False)
+        out_b = _gru_steps(gi_b, rnn.weight_hh_l0_reverse, rnn.bias_hh_l0_reverse, batch_sizes, reverse=True)
         return (out_f + out_b) / 2
 
 
-def _gru_steps(gi: tuple[torch.Tensor, ...], w_hh: torch.Tensor, b_hh: torch.Tensor, batch_sizes: list[int],
+def _gru_steps(gi_all: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, batch_sizes: list[int],
                reverse: bool) -> torch.Tensor:
-    """One GRU direction; gi[t] = [batch_sizes[t], 3H] input projections of step t (length-sorted batch)."""
-    h_size = w_hh.shape[1]
-    outs: list[torch.Tensor | None] = [None] * len(gi)
-    h = None
+    """One GRU direction over packed rows: gi_all [N, 3H] input projections, batch_sizes[t] rows per time step
+    (length-sorted batch, as in a PackedSequence). Returns the state of every packed row [N, H]; with a
+    gradient through _GRUDirection's hand-written backward.
+    """
+    if torch.is_grad_enabled() and (gi_all.requires_grad or w_hh.requires_grad or b_hh.requires_grad):
+        return _GRUDirection.apply(gi_all, w_hh, b_hh, batch_sizes, reverse)
+    return _gru_forward(gi_all, w_hh, b_hh, batch_sizes, reverse, None)
+
+
+def _step_order(batch_sizes: list[int], reverse: bool) -> list[tuple[int, int]]:
+    """(first packed row, rows) of each time step, in the order the direction visits them."""
+    starts = [0]
+    for bs in batch_sizes[:-1]:
+        starts.append(starts[-1] + bs)
+    steps = list(zip(starts, batch_sizes))
+    return steps[::-1] if reverse else steps
+
+
+def _gru_forward(gi_all: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, batch_sizes: list[int], reverse: bool,
+                 saved: dict | None) -> torch.Tensor:
+    """nn.GRU's recurrence (r, z, n gates; h' = (1 - z) n + z h) over packed rows; `saved` receives what the
+    backward needs: h_prev, r, z, n and the recurrent part of the n gate, [N, H] each."""
+    n_rows, h_size = gi_all.shape[0], w_hh.shape[1]
+    out = gi_all.new_empty(n_rows, h_size)
+    if saved is not None:
+        for k in ("h_prev", "r", "z", "n", "h_n"):
+            saved[k] = gi_all.new_empty(n_rows, h_size)
     w_t = w_hh.t()
-    for t in (range(len(gi) - 1, -1, -1) if reverse else range(len(gi))):
-        bs = batch_sizes[t]
+    h = None
+    for start, bs in _step_order(batch_sizes, reverse):
         if h is None:
-            h_prev = gi[t].new_zeros(bs, h_size)
+            h_prev = gi_all.new_zeros(bs, h_size)
         elif h.shape[0] > bs:  # forward direction: the shortest sequences have ended
             h_prev = h[:bs]
-        elif h.shape[0] < bs:  # backward direction: sequences whose last word is step t start from zero
+        elif h.shape[0] < bs:  # backward direction: sequences whose last word is this step start from zero
             h_prev = torch.cat([h, h.new_zeros(bs - h.shape[0], h_size)])
         else:
             h_prev = h
-        i_r, i_z, i_n = gi[t].chunk(3, 1)
+        i_r, i_z, i_n = gi_all[start : start + bs].chunk(3, 1)
         h_r, h_z, h_n = torch.addmm(b_hh, h_prev, w_t).chunk(3, 1)
         r = torch.sigmoid(i_r + h_r)
         z = torch.sigmoid(i_z + h_z)
         n = torch.tanh(i_n + r * h_n)
         h = n + z * (h_prev - n)
-        outs[t] = h
-    return torch.cat(outs)
+        out[start : start + bs] = h
+        if saved is not None:
+            for k, v in (("h_prev", h_prev), ("r", r), ("z", z), ("n", n), ("h_n", h_n)):
+                saved[k][start : start + bs] = v
+    return out
+
+
+class _GRUDirection(torch.autograd.Function):
+    """One GRU direction over packed rows with a hand-written backward.
+
+    Autograd through the per-step addmm computes the recurrent weight gradient once per time step, a full
+    [3H, H] product from only batch_sizes[t] rows (on the CPU ~20-30 ms each at H = 1024, whatever the rows):
+    here the backward collects every step's gate gradients and forms it with one [3H, N] x [N, H] product.
+    Tested against nn.GRU (values and gradients, tests/test_speed.py).
+    """
+
+    @staticmethod
+    def forward(ctx, gi_all, w_hh, b_hh, batch_sizes, reverse):
+        saved: dict = {}
+        out = _gru_forward(gi_all, w_hh, b_hh, batch_sizes, reverse, saved)
+        ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
+        ctx.save_for_backward(w_hh, saved["h_prev"], saved["r"], saved["z"], saved["n"], saved["h_n"])
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        w_hh, h_prev, r, z, n, h_n = ctx.saved_tensors
+        d_gates = d_out.new_empty(d_out.shape[0], 3 * w_hh.shape[1])  # d(pre-activations) of r, z, n
+        d_gh = torch.empty_like(d_gates)  # the same for the recurrent part (n's is scaled by r)
+        carry = None  # d loss / d h of the step visited before this one in the forward pass
+        for start, bs in reversed(_step_order(ctx.batch_sizes, ctx.reverse)):
+            sl = slice(start, start + bs)
+            dh = d_out[sl]
+            if carry is not None:
+                k = min(bs, carry.shape[0])
+                dh = dh.clone()
+                dh[:k] += carry[:k]
+            zs, ns, rs = z[sl], n[sl], r[sl]
+            dn = dh * (1 - zs) * (1 - ns * ns)
+            dz = dh * (h_prev[sl] - ns) * zs * (1 - zs)
+            dr = dn * h_n[sl] * rs * (1 - rs)
+            d_gates[sl] = torch.cat([dr, dz, dn], 1)
+            d_gh[sl] = torch.cat([dr, dz, dn * rs], 1)
+            carry = torch.addmm(dh * zs, d_gh[sl], w_hh)  # d h_prev
+        d_w = d_gh.t() @ h_prev  # one product for every step
+        return d_gates, d_w, d_gh.sum(0), None, None
