@@ -1,10 +1,12 @@
 """`make bench`: scoring throughput and training-step time of each method, fast path next to the slow reference.
 
-    python -m zoo.bench                                   # CPU defaults, a few minutes on 2 cores
+    python -m zoo.bench                                   # CPU defaults, about 2 minutes on 2 cores
     python -m zoo.bench --images 5000 --device cuda --dtype bf16 --train-batch 128   # COCO-5K size on a GPU
     python -m zoo.bench --methods casc_base --images 100 200 --train-batch 64 128 --dim 1024
 
-For every method and size it prints, for the fast (default) path and the slow reference path measured in the
+Methods: casc_base, casc (label branch, K = 500), cccl (BiGRU words, P = 256); each has default sizes
+(BenchSpec.default_images / default_batches: 100 images and batch 128; CCCL 4 and 8, because its reference is
+a per-pair loop). For every method and size it prints, for the fast (default) path and the slow reference path measured in the
 same run, interleaved (fast, reference, fast, reference, ...; the best of --repeats is kept):
 - eval: all-pairs scoring of an images x (5 * images) grid through zoo.evaluation.score_blockwise (what
   validation/test run), in pairs/s;
@@ -154,12 +156,12 @@ class CCCLBench(BenchSpec):
         return CCCL(vocab_size=vocab, feature_dim=self.feature_dim, embed_dim=dim, sim_dim=min(256, dim),
                     text_encoder="bigru", fold_size=None)
 
-    def _images(self, n: int, g: torch.Generator) -> dict:
+    def raw_images(self, n: int, g: torch.Generator) -> dict:
         corner = torch.rand(n, self.regions, 2, generator=g) * 0.6
         return {"images": torch.randn(n, self.regions, self.feature_dim, generator=g),
                 "boxes": torch.cat([corner, corner + 0.1 + 0.3 * torch.rand(n, self.regions, 2, generator=g)], -1)}
 
-    def _captions(self, n: int, vocab: int, g: torch.Generator) -> dict:
+    def raw_captions(self, n: int, vocab: int, g: torch.Generator) -> dict:
         lengths = coco_lengths(n, g)
         length = int(lengths.max())
         adjacency = torch.zeros(n, length, length)
@@ -171,14 +173,14 @@ class CCCLBench(BenchSpec):
     def eval_inputs(self, model, n_images, dim, g):
         dev = next(model.parameters()).device
         vocab = model.net.bigru.embed.num_embeddings
-        raw_img, raw_cap = self._images(n_images, g), self._captions(5 * n_images, vocab, g)
+        raw_img, raw_cap = self.raw_images(n_images, g), self.raw_captions(5 * n_images, vocab, g)
         with torch.no_grad():
             img = model.encode_images({k: v.to(dev) for k, v in raw_img.items()})
             cap = model.encode_captions({k: v.to(dev) for k, v in raw_cap.items()})
         return img, cap
 
     def train_batch(self, model, batch, vocab, g):
-        return {**self._images(batch, g), **self._captions(batch, vocab, g), "image_ids": torch.arange(batch)}
+        return {**self.raw_images(batch, g), **self.raw_captions(batch, vocab, g), "image_ids": torch.arange(batch)}
 
 
 # ---- measuring -------------------------------------------------------------------------------------------

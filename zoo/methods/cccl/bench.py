@@ -3,8 +3,9 @@
     python -m zoo.methods.cccl.bench --images 20 --dim 1024 --sim-dim 256     # the paper's sizes, CPU
     python -m zoo.methods.cccl.bench --images 100 --dim 64 --sim-dim 32       # the SynthScenes recipe's sizes
 
-Random weights and inputs (the cost does not depend on values): images of 36 regions, 5 captions per image of
-~12 words (+ <start>/<end>) with a chain of dependency arcs. Encoding (once per item) is timed separately from
+Random weights and inputs (the cost does not depend on values), built as `make bench`'s CCCL entry
+(zoo.bench.CCCLBench): images of 36 regions with boxes, 5 captions per image of ~11 words + <start>/<end>
+(zoo.bench.coco_lengths) with a chain of dependency arcs. Encoding (once per item) is timed separately from
 the pair scoring, which is what grows with gallery size (images x captions).
 """
 from __future__ import annotations
@@ -32,18 +33,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    from ...bench import CCCLBench  # the same random inputs as `make bench`'s CCCL entry
+
+    spec = CCCLBench()
+    spec.regions = args.regions
     g = torch.Generator().manual_seed(0)
     n_img, n_cap = args.images, 5 * args.images
-    lengths = (torch.randn(n_cap, generator=g) * 3 + 14).round().clamp(6, 32).long()
-    L = int(lengths.max())
-    tokens = torch.randint(4, 1000, (n_cap, L), generator=g) * (torch.arange(L)[None] < lengths[:, None])
-    adj = torch.zeros(n_cap, L, L)
-    for c, n in enumerate(lengths.tolist()):
-        i = torch.arange(1, n - 2)
-        adj[c, i, i + 1] = adj[c, i + 1, i] = 1.0
-    x1y1 = torch.rand(n_img, args.regions, 2, generator=g) * 0.5
-    batch_img = {"images": torch.rand(n_img, args.regions, 2048, generator=g),
-                 "boxes": torch.cat([x1y1, x1y1 + 0.3], -1)}
+    batch_img, raw_cap = spec.raw_images(n_img, g), spec.raw_captions(n_cap, 1000, g)
+    tokens, lengths, adj = raw_cap["tokens"], raw_cap["lengths"], raw_cap["adjacency"]
     torch.manual_seed(0)
     model = CCCL(vocab_size=1000, embed_dim=args.dim, sim_dim=args.sim_dim, text_encoder="bigru",
                  eval_image_block=args.image_block, eval_caption_block=args.caption_block).to(dev).eval()
