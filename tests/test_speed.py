@@ -376,3 +376,20 @@ def test_global_weights_bad_requests_are_reported():
         fast_similarity(images, captions, lengths, t2i=False, global_weights=True)
     with pytest.raises(ValueError, match="evaluation-only"):
         fast_similarity(images.requires_grad_(), captions, lengths, global_weights=True)
+
+
+def test_in_order_embeddings_are_not_copied_and_shuffled_ones_are_ordered():
+    """Evaluation memory: one process with an unshuffled loader keeps its embeddings as they are (no copy);
+    ids out of order are still sorted, and missing or out-of-range ids are errors."""
+    from zoo.evaluation import gather_and_order
+
+    emb = {"words": torch.randn(5, 3, 2), "lengths": torch.tensor([3, 1, 2, 2, 3])}
+    same = gather_and_order(emb, torch.arange(5), 5, "captions")
+    assert all(same[k] is emb[k] for k in emb)
+    perm = torch.tensor([2, 0, 4, 1, 3])
+    ordered = gather_and_order({k: v[perm] for k, v in emb.items()}, perm, 5, "captions")
+    assert all(torch.equal(ordered[k], emb[k]) for k in emb)
+    with pytest.raises(RuntimeError, match="saw only 4 of 5 captions"):
+        gather_and_order({k: v[:4] for k, v in emb.items()}, torch.arange(4), 5, "captions")
+    with pytest.raises(RuntimeError, match="out of range"):
+        gather_and_order(emb, torch.arange(5) + 1, 5, "captions")

@@ -60,12 +60,18 @@ def gather_padded(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_and_order(emb: Emb, ids: torch.Tensor, expected: int, what: str) -> Emb:
-    """Gathers one modality from every rank, drops duplicates (sampler padding) and sorts by id."""
+    """Gathers one modality from every rank, drops duplicates (sampler padding) and sorts by id.
+
+    Items already in id order 0..expected-1 (one process, an unshuffled loader) are returned as they are: no
+    copy of the embeddings, which on a GPU are the largest tensors of an evaluation.
+    """
     ids = gather_padded(ids)
     emb = {k: gather_padded(v) for k, v in emb.items()}
-    order = torch.full((expected,), -1, dtype=torch.long, device=ids.device)
     if ids.numel() and (ids.min() < 0 or ids.max() >= expected):
         raise RuntimeError(f"{what} ids out of range [0, {expected}) during evaluation")
+    if ids.numel() == expected and torch.equal(ids, torch.arange(expected, device=ids.device)):
+        return emb
+    order = torch.full((expected,), -1, dtype=torch.long, device=ids.device)
     order[ids] = torch.arange(ids.numel(), device=ids.device)
     if (order < 0).any():
         raise RuntimeError(f"evaluation saw only {int((order >= 0).sum())} of {expected} {what}")
@@ -179,7 +185,8 @@ def score_blockwise(score: Callable[[Emb, Emb], torch.Tensor], img: Emb, cap: Em
     """sims [I, C] from a pairwise scorer, never a Python loop over single captions.
 
     Captions are visited in length order so each block carries as little padding as possible (and a scorer
-    that buckets by length gets long runs of equal lengths). Block sizes of 0/None are chosen by auto_blocks;
+    that buckets by length gets long runs of equal lengths); each block gathers its own captions, so the
+    caption embeddings are never copied whole. Block sizes of 0/None are chosen by auto_blocks;
     on a GPU the given sizes are upper bounds, shrunk to what auto_blocks allows, so that no recipe's fixed
     sizes can exceed the memory cap.
     """
@@ -190,16 +197,16 @@ def score_blockwise(score: Callable[[Emb, Emb], torch.Tensor], img: Emb, cap: Em
         auto_i, auto_c = auto_blocks(img, cap, device)
         image_block = min(image_block, auto_i) if image_block else auto_i
         caption_block = min(caption_block, auto_c) if caption_block else auto_c
-    if "lengths" in cap:
-        order = torch.argsort(cap["lengths"], descending=True, stable=True)
-        cap = {k: v[order] for k, v in cap.items()}
-    else:
-        order = None
+    order = torch.argsort(cap["lengths"], descending=True, stable=True) if "lengths" in cap else None
     sims = None
     blocks = [(a, c) for a in range(0, n_img, image_block) for c in range(0, n_cap, caption_block)]
     for a, c in track(blocks, desc=desc, enabled=progress):
         ib = {k: v[a : a + image_block] for k, v in img.items()}
-        cb = trim_padding({k: v[c : c + caption_block] for k, v in cap.items()})
+        if order is None:
+            cb = {k: v[c : c + caption_block] for k, v in cap.items()}
+        else:
+            rows = order[c : c + caption_block]
+            cb = trim_padding({k: v.index_select(0, rows.to(v.device)) for k, v in cap.items()})
         s = score(ib, cb)
         if sims is None:
             sims = torch.empty(n_img, n_cap, dtype=torch.float32, device=s.device)

@@ -212,10 +212,12 @@ class RetrievalModule(L.LightningModule):
         chunks = self._eval_chunks.pop(stage, [])
         if not chunks:
             return
-        img = cat_embeddings([c[0] for c in chunks])
-        cap = cat_embeddings([c[1] for c in chunks])
         image_ids = torch.cat([c[2] for c in chunks])
         caption_ids = torch.cat([c[3] for c in chunks])
+        # one copy of the embeddings at a time: each batch's tensors are released once concatenated
+        img = cat_embeddings([c[0] for c in chunks])
+        cap = cat_embeddings([c[1] for c in chunks])
+        del chunks
         dm = self.trainer.datamodule
         n_images = dm.num_eval_images(stage)
         with self.trainer.precision_plugin.forward_context(), lightning_progress(self.trainer):  # at the run's precision

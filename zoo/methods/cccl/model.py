@@ -2,10 +2,12 @@
 
 Embedding dicts (one row per image / caption) hold everything pair-independent, computed once per item:
   image:   regions V [I, R, d]; global v^S [I, d]; Branch 3: nodes V^ [I, R, d] (GCN output) and, with the
-           C-GRU, nodes_gi [I, R, 3d] (GRU^V input projections of the nodes) and first_gi [I, 3d] (GRU^T input
-           projection of v^S); without the C-GRU, relation v^R [I, d].
+           C-GRU, first_gi [I, 3d] (GRU^T input projection of v^S); without the C-GRU, relation v^R [I, d].
   caption: words T [C, L, d] (word positions 1..n, no <start>/<end>); n_words [C]; global t^S [C, d]; nodes T^,
-           nodes_gi [C, L, 3d], first_gi [C, 3d] (GRU^V projection of t^S) / relation t^R.
+           first_gi [C, 3d] (GRU^V projection of t^S) / relation t^R.
+The GRU input projections of the nodes ([.., 3d] per node) are not stored: `score` forms them per chunk of
+pairs (under 1 % of the pair GRUs' cost), which keeps a COCO-5K gallery's caption embeddings at 2d floats per
+word instead of 5d.
 The caption length key is `n_words`, not `lengths`: zoo.evaluation would otherwise sort and trim the caption
 dict by guessing which dims are word positions, which is ambiguous when d (or 3d) equals the caption length;
 `CCCLNet.score` sorts and trims its own blocks instead.
@@ -96,7 +98,6 @@ class CCCLNet(nn.Module):
             nodes = self.image_gcn(v, full_edges(torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)))
             out["nodes"] = nodes
             if self.use_context_gru:
-                out["nodes_gi"] = gru_input_projection(self.gru.image_gru, nodes)
                 out["first_gi"] = gru_input_projection(self.gru.text_gru, out["global"])
             else:
                 gi = gru_input_projection(self.gru.image_gru, nodes)
@@ -138,11 +139,10 @@ class CCCLNet(nn.Module):
                 edges = full_edges(mask)  # "w/o S-NLP"
             nodes = self.text_gcn(t, edges, mask)
             out["nodes"] = nodes
-            gi = gru_input_projection(self.gru.text_gru, nodes)
             if self.use_context_gru:
-                out["nodes_gi"] = gi
                 out["first_gi"] = gru_input_projection(self.gru.image_gru, out["global"])
             else:
+                gi = gru_input_projection(self.gru.text_gru, nodes)
                 out["relation"] = pair_gru_last_state(self.gru.text_gru, None, gi, n_words)[0]
         return out
 
@@ -157,8 +157,14 @@ class CCCLNet(nn.Module):
                                             self.sims["t2v"], self.attention_smooth)  # Eqs. (17)-(20)
         if "relational" in self.branches:
             if self.use_context_gru:  # Eq. (26), batched over the block's pairs
-                v_r = pair_gru_last_state(self.gru.image_gru, cap["first_gi"], img["nodes_gi"]).transpose(0, 1)
-                t_r = pair_gru_last_state(self.gru.text_gru, img["first_gi"], cap["nodes_gi"], cap["n_words"])
+                img_gi = img.get("nodes_gi")  # set by `score` once per chunk; else formed here
+                if img_gi is None:
+                    img_gi = gru_input_projection(self.gru.image_gru, img["nodes"])
+                cap_gi = cap.get("nodes_gi")
+                if cap_gi is None:
+                    cap_gi = gru_input_projection(self.gru.text_gru, cap["nodes"])
+                v_r = pair_gru_last_state(self.gru.image_gru, cap["first_gi"], img_gi).transpose(0, 1)
+                t_r = pair_gru_last_state(self.gru.text_gru, img["first_gi"], cap_gi, cap["n_words"])
                 out["relational"] = self.sims["relational"](v_r, t_r)  # Eq. (27)
             else:
                 out["relational"] = self.sims["relational"].pairwise(img["relation"], cap["relation"])
@@ -185,6 +191,8 @@ class CCCLNet(nn.Module):
             chunk = {k: v[idx] for k, v in cap.items()}
             width = max(int(chunk["n_words"].max()), 1)
             chunk = {k: (v[:, :width] if v.dim() >= 3 else v) for k, v in chunk.items()}
+            if "relational" in self.branches and self.use_context_gru:  # once per caption chunk
+                chunk["nodes_gi"] = gru_input_projection(self.gru.text_gru, chunk["nodes"])
             per_pair = (regions + width + 2) * self.d
             ic = max(1, min(n_img, self.pair_budget // max(1, per_pair * len(idx))))
             for i in range(0, n_img, ic):
