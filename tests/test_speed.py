@@ -393,3 +393,10 @@ def test_in_order_embeddings_are_not_copied_and_shuffled_ones_are_ordered():
         gather_and_order({k: v[:4] for k, v in emb.items()}, torch.arange(4), 5, "captions")
     with pytest.raises(RuntimeError, match="out of range"):
         gather_and_order(emb, torch.arange(5) + 1, 5, "captions")
+
+
+def test_bench_memory_runs_and_prints_the_ratio(capsys):
+    from zoo import bench_memory
+
+    ratio = bench_memory.main(["--images", "20", "--dim", "16", "--words", "6", "--batch", "7"])
+    assert ratio >= 0 and "x the embeddings" in capsys.readouterr().out
