@@ -1,8 +1,12 @@
 import os
 
-import numpy as np
-import pytest
-import torch
+# Triton kernels run in Triton's interpreter on CPU tensors in tests (read when triton is first imported, so
+# before torch); on a GPU the compiled kernel is checked by `make bench BENCH_ARGS="--kernel triton ..."`.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub

@@ -400,3 +400,64 @@ def test_bench_memory_runs_and_prints_the_ratio(capsys):
 
     ratio = bench_memory.main(["--images", "20", "--dim", "16", "--words", "6", "--batch", "7"])
     assert ratio >= 0 and "x the embeddings" in capsys.readouterr().out
+
+
+# ---- the fused Triton kernel (zoo/blocks/triton_attention.py), in Triton's interpreter ----------------------------
+def _triton():
+    from zoo.blocks import triton_attention
+
+    assert triton_attention.available(), "triton is part of the test extra (pyproject): `make venv` installs it"
+    assert triton_attention.interpreting() or torch.cuda.is_available(), "tests run it with TRITON_INTERPRET=1"
+    return triton_attention
+
+
+@pytest.mark.parametrize("norm", ["clipped_l2", "relu_l2", "l2"])
+@pytest.mark.parametrize("aggs", [("mean", "mean"), ("lse", "mean"), ("mean", "lse")])
+@pytest.mark.parametrize("directions", [(True, True), (True, False), (False, True)])
+def test_triton_kernel_equals_torch_group_scores(norm, aggs, directions):
+    """The fused kernel against the PyTorch per-group path on one length group (fp32, strided cosines)."""
+    from zoo.blocks import fast_attention as fa
+
+    ta = _triton()
+    g = torch.Generator().manual_seed(3)
+    n_img, n_reg, n, l, d = 3, 5, 4, 7, 6
+    regions, words = torch.randn(n_img, n_reg, d, generator=g), torch.randn(n, l, d, generator=g)
+    regions[1, 2] = 0.0  # a zero region
+    words[0, 3] = 0.0  # a zero word
+    ru, rn = fa._unit(regions)
+    wu, wn = fa._unit(words.reshape(-1, d))
+    wu = wu.view(n, l, d)
+    x = torch.einsum("ird,cjd->ircj", ru, wu).transpose(0, 1).contiguous().transpose(0, 1)  # non-default strides
+    wg, rg = torch.bmm(wu, wu.transpose(1, 2)), torch.bmm(ru, ru.transpose(1, 2))
+    cfg = fa._Config(*directions, norm, 4.0, 9.0, aggs[0], aggs[1], 6.0)
+    with torch.no_grad():
+        want = fa._group_scores(x.clone(), wn.view(n, l), wg, rn, rg, cfg, inplace=False)
+    got = ta.group_scores(x, wn.view(n, l), wg, rn, rg, cfg)
+    for a, b in zip(want, got):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.isfinite(b).all() and (a - b).abs().max() <= 1e-6
+
+
+def test_triton_kernel_through_the_scorer_equals_reference(monkeypatch):
+    """kernel='triton' (argument or ZOO_KERNEL) scores a padded block with zero vectors like the reference; other
+    normalisations, gradients and global_weights keep the PyTorch path; bad values are reported."""
+    _triton()
+    images, captions, lengths = _batch(dtype=torch.float32)
+    kw = dict(lambda_i2t=4.0, lambda_t2i=9.0, agg_i2t="lse")
+    with torch.no_grad():
+        ref = _both(images, captions, lengths, True, **kw)
+        got = fast_similarity(images, captions, lengths, kernel="triton", **kw)
+        monkeypatch.setenv("ZOO_KERNEL", "triton")
+        via_env = cross_attention_similarity(images, captions, lengths, **kw)
+        other = fast_similarity(images, captions, lengths, norm="softmax", kernel="triton")  # PyTorch path
+        assert torch.allclose(other["i2t"], fast_similarity(images, captions, lengths, norm="softmax",
+                                                            kernel="torch")["i2t"])
+    for k in ref:
+        assert (got[k] - ref[k]).abs().max() <= 1e-5 and torch.equal(got[k], via_env[k])
+    img = images.clone().requires_grad_()
+    s = fast_similarity(img, captions, lengths, kernel="triton", **kw)  # training: the PyTorch path, with grads
+    s["i2t"].sum().backward()
+    assert torch.isfinite(img.grad).all()
+    with pytest.raises(ValueError, match="kernel must be"):
+        fast_similarity(images, captions, lengths, kernel="cuda")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -372,16 +373,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--kernel", default=None, choices=["torch", "triton"],
+                    help="the fast path's per-pair implementation in evaluation (sets ZOO_KERNEL; default torch). "
+                         "triton on the CPU runs only in Triton's interpreter (TRITON_INTERPRET=1), slowly")
     args = ap.parse_args(argv)
+    if args.kernel:
+        os.environ["ZOO_KERNEL"] = args.kernel
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    import os
-
     card += f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}" if dev.type == "cpu" else ""
-    print(f"zoo.bench: device={dev} ({card}) dtype={args.dtype} torch={torch.__version__}; best of {args.repeats}, "
+    print(f"zoo.bench: device={dev} ({card}) dtype={args.dtype} kernel={os.environ.get('ZOO_KERNEL', 'torch')} "
+          f"torch={torch.__version__}; best of {args.repeats}, "
           "fast and reference interleaved; ratio = reference time / fast time", flush=True)
     rows: list[Row] = []
     for name in args.methods:

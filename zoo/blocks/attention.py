@@ -137,12 +137,14 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
                                i2t: bool = True, t2i: bool = True, lambda_i2t: float = 9.0, lambda_t2i: float = 4.0,
                                norm: str = "clipped_l2", agg: str = "mean", lse_temperature: float = 6.0,
                                reference: bool | None = None, agg_i2t: str | None = None,
-                               agg_t2i: str | None = None, global_weights: bool = False) -> dict[str, torch.Tensor]:
+                               agg_t2i: str | None = None, global_weights: bool = False,
+                               kernel: str | None = None) -> dict[str, torch.Tensor]:
     """CASC Eqs. (3)-(7) for every image-caption pair: {'i2t': S_I2T [I, C], 't2i': S_T2I [I, C]} (asked ones).
 
     agg_i2t / agg_t2i: per-direction pooling (None = agg).
     global_weights (evaluation, both directions): also CASC Eq. (10)'s weights 'w_regions' [I, C, R] and
     'w_words' [I, C, L] from the same attention weights (see fast_attention.cross_attention_similarity).
+    kernel: the fast path's per-pair implementation, 'torch' or 'triton' (None = ZOO_KERNEL, else 'torch').
     reference: True = the slow reference path, False = the fast path, None = fast unless reference_scoring()
     or ZOO_REFERENCE_SCORING=1 say otherwise.
     """
@@ -153,7 +155,7 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
 
         return fast(images, captions, lengths, i2t=i2t, t2i=t2i, lambda_i2t=lambda_i2t, lambda_t2i=lambda_t2i,
                     norm=norm, agg=agg, lse_temperature=lse_temperature, agg_i2t=agg_i2t, agg_t2i=agg_t2i,
-                    global_weights=global_weights)
+                    global_weights=global_weights, kernel=kernel)
     sc = region_word_scores(images, captions, lengths)
     kw = dict(norm=norm, lse_temperature=lse_temperature, scores=sc)
     out = {}

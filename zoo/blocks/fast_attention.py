@@ -22,6 +22,7 @@ The Gram quadratic forms (||sum_k w_k u_k||^2 = w^T U w) are the reference's; on
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -319,7 +320,7 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
                                lambda_t2i: float = 4.0, norm: str = "clipped_l2", agg: str = "mean",
                                lse_temperature: float = 6.0, chunk_elements: int | None = None,
                                agg_i2t: str | None = None, agg_t2i: str | None = None,
-                               global_weights: bool = False) -> dict[str, torch.Tensor]:
+                               global_weights: bool = False, kernel: str | None = None) -> dict[str, torch.Tensor]:
     """S_I2T and S_T2I (CASC Eqs. (3)-(7)) of every image with every caption: {'i2t': [I, C], 't2i': [I, C]}.
 
     Same arguments and results as the reference `attention.i2t_similarity` / `t2i_similarity`
@@ -331,7 +332,13 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
     contraction): 'w_regions' [I, C, R] (mean over real words of the T2I weights) and 'w_words' [I, C, L] (mean
     over regions of the I2T weights, 0 on padding), float32; A^I = sum_r w_r v_r, A^T = sum_l w_l t_l.
     Evaluation only (no gradient), both directions.
+    kernel: 'torch' (default) or 'triton' (zoo/blocks/triton_attention.py: one fused kernel per length group
+    after the contraction; evaluation with an l2-family normalisation and without global_weights, elsewhere the
+    PyTorch path runs); None = the ZOO_KERNEL environment variable, else 'torch'.
     """
+    kernel = kernel or os.environ.get("ZOO_KERNEL", "torch")
+    if kernel not in ("torch", "triton"):
+        raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r} (argument or ZOO_KERNEL)")
     agg_i2t, agg_t2i = agg_i2t or agg, agg_t2i or agg
     if global_weights and not (i2t and t2i):
         raise ValueError("global_weights needs both attention directions (i2t=True, t2i=True)")
@@ -354,6 +361,10 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
     grad = torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad)
     if global_weights and grad:
         raise ValueError("global_weights is evaluation-only: call it under torch.no_grad()")
+    fused_kernel = None
+    if kernel == "triton" and not grad and not global_weights and norm.endswith("l2"):
+        from . import triton_attention as fused_kernel  # noqa: N813 - imports triton only when asked for
+        chunk_elements = 0  # whole length groups: the kernel walks the pairs itself
     weight_keys = ("w_words", "w_regions") if global_weights else ()
     order, groups = length_groups(lengths)
     # packed real words in sorted order: group g occupies rows [sum of earlier n*l, + n_g * l_g) of `packed`.
@@ -425,7 +436,10 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
             wn = wn.view(n, l)
             if not grad:
                 w = [] if global_weights else None
-                s1, s2 = _group_scores(x, wn, wg, region_norms, region_gram, cfg, inplace=True, weights=w)
+                if fused_kernel is not None:
+                    s1, s2 = fused_kernel.group_scores(x, wn, wg, region_norms, region_gram, cfg)
+                else:
+                    s1, s2 = _group_scores(x, wn, wg, region_norms, region_gram, cfg, inplace=True, weights=w)
                 if global_weights:
                     res["w_words"].append(F.pad(w[0], (0, n_len - l)))
                     res["w_regions"].append(w[1].transpose(1, 2))
