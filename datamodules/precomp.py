@@ -338,11 +338,28 @@ class PrecompDataModule(L.LightningDataModule):
         if "images" not in batch and self._train_store is not None and "image_ids" in batch:
             ids = batch["image_ids"]
             if self._train_store.device != ids.device:
+                self.check_device_room(self._train_store, ids.device)
                 self._train_store = self._train_store.to(ids.device)
             batch["images"] = self._train_store[ids]
         if "images" in batch and batch["images"].dtype == torch.float16:
             batch["images"] = batch["images"].float()
         return batch
+
+    def check_device_room(self, store: torch.Tensor, device: torch.device, free_bytes: int | None = None) -> None:
+        """device_fp16: a clear error, before CUDA's own out-of-memory one, when the training split would leave
+        the device less than a quarter of its free memory for the model (free_bytes overrides the measurement)."""
+        if device.type != "cuda" and free_bytes is None:
+            return
+        if free_bytes is None:
+            free_bytes = torch.cuda.mem_get_info(device)[0]
+        need = store.numel() * store.element_size()
+        if need > 0.75 * free_bytes:
+            gib = 2.0 ** 30
+            raise DataError(self.split_data("fit").paths["ims"],
+                            f"data.train_features: device_fp16 needs {need / gib:.1f} GiB on {device} for the training "
+                            f"features, but only {free_bytes / gib:.1f} GiB are free (at most 75 % may go to them)",
+                            "use data.train_features: memory_fp16 (float16 in RAM, half-size pinned transfers: set "
+                            "data.pin_memory: true) or mmap, or a device with more free memory")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("fit", True, self.batch_size)

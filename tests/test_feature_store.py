@@ -78,3 +78,17 @@ def test_training_with_a_held_store_matches_the_mmap_run(tiny_data, one_thread):
     half = _fit(tiny_data, "device_fp16").state_dict()
     assert all(torch.isfinite(v).all() for v in half.values())
     assert any(not torch.equal(ref[k], half[k]) for k in ref)  # it did see the float16-rounded features
+
+
+def test_device_fp16_without_room_is_a_clear_error(tiny_data):
+    """device_fp16 on a device without room for the split: an error naming the file, the sizes and the fix."""
+    from datamodules.errors import DataError
+
+    dm = _dm(tiny_data, "device_fp16")
+    store = dm._train_store
+    assert store is not None and store.dtype == torch.float16
+    need = store.numel() * store.element_size()
+    dm.check_device_room(store, torch.device("cuda"), free_bytes=4 * need)  # room: no error
+    with pytest.raises(DataError, match="device_fp16 needs .* only .* free") as err:
+        dm.check_device_room(store, torch.device("cuda"), free_bytes=need)
+    assert "memory_fp16" in str(err.value) and "ims.npy" in str(err.value)
