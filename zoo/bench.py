@@ -125,11 +125,10 @@ class CASCBench(CASCBaseBench):
 
     def eval_inputs(self, model, n_images, dim, g):
         img, cap = super().eval_inputs(model, n_images, dim, g)
-        head = model.label_head
+        dev = next(model.parameters()).device
         with torch.no_grad():  # per item, as CASC.encode_images / encode_captions do
-            w = head.fc1.weight.detach().cpu()
-            img["regions_proj"] = torch.nn.functional.linear(img["regions"], w)
-            cap["words_proj"] = torch.nn.functional.linear(cap["words"], w)
+            img["regions_proj"] = model.label_head.project(img["regions"].to(dev)).cpu()
+            cap["words_proj"] = model.label_head.project(cap["words"].to(dev)).cpu()
         img["image_ids"] = torch.arange(n_images)
         cap["caption_ids"] = torch.arange(cap["words"].shape[0])
         return img, cap

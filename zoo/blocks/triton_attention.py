@@ -40,6 +40,21 @@ def available() -> bool:
     return triton is not None
 
 
+def _pool(per, valid, count, temp, LSE: tl.constexpr):
+    """CASC Eq. (7) over the real entries of `per`: LogSumExp with temperature `temp`, or the mean of `count`."""
+    if LSE:
+        v = tl.where(valid, per * temp, -float("inf"))
+        m = tl.max(v, axis=0)
+        pooled = (m + tl.log(tl.sum(tl.exp(v - m), axis=0))) / temp
+    else:
+        pooled = tl.sum(tl.where(valid, per, 0.0), axis=0) / count
+    return pooled
+
+
+if triton is not None:  # a device function the kernel calls (jit-compiled, or interpreted under TRITON_INTERPRET=1)
+    _pool = triton.jit(_pool)
+
+
 def _pair_scores(x_ptr, sx_i, sx_r, sx_c, sx_j, wn_ptr, wg_ptr, rn_ptr, rg_ptr, s1_ptr, s2_ptr, so_i, so_c,
                  n_reg, n_len, lam1, lam2, temp, eps2,
                  ACT: tl.constexpr, DO_I2T: tl.constexpr, DO_T2I: tl.constexpr, LSE_I2T: tl.constexpr,
@@ -73,13 +88,7 @@ def _pair_scores(x_ptr, sx_i, sx_r, sx_c, sx_j, wn_ptr, wg_ptr, rn_ptr, rg_ptr, 
                     other=0.0)
         quad = tl.sum(tl.dot(w, u, input_precision="ieee") * w, axis=1)
         per_region = num / tl.sqrt(tl.maximum(quad, denom * denom * eps2))
-        if LSE_I2T:
-            v = tl.where(rv, per_region * temp, -float("inf"))
-            m = tl.max(v, axis=0)
-            pooled = (m + tl.log(tl.sum(tl.exp(v - m), axis=0))) / temp
-        else:
-            pooled = tl.sum(tl.where(rv, per_region, 0.0), axis=0) / n_reg
-        tl.store(s1_ptr + i * so_i + c * so_c, pooled)
+        tl.store(s1_ptr + i * so_i + c * so_c, _pool(per_region, rv, n_reg, temp, LSE_I2T))
     if DO_T2I:
         s = tl.sum(sq, axis=1)  # per region: the query (word) dim
         f = tl.where(s > eps2, lam2 / tl.sqrt(tl.maximum(s, eps2)), 0.0)
@@ -93,13 +102,7 @@ def _pair_scores(x_ptr, sx_i, sx_r, sx_c, sx_j, wn_ptr, wg_ptr, rn_ptr, rg_ptr, 
                     other=0.0)
         quad = tl.sum(tl.dot(g, w, input_precision="ieee") * w, axis=0)
         per_word = num / tl.sqrt(tl.maximum(quad, denom * denom * eps2))
-        if LSE_T2I:
-            v = tl.where(jv, per_word * temp, -float("inf"))
-            m = tl.max(v, axis=0)
-            pooled = (m + tl.log(tl.sum(tl.exp(v - m), axis=0))) / temp
-        else:
-            pooled = tl.sum(tl.where(jv, per_word, 0.0), axis=0) / n_len
-        tl.store(s2_ptr + i * so_i + c * so_c, pooled)
+        tl.store(s2_ptr + i * so_i + c * so_c, _pool(per_word, jv, n_len, temp, LSE_T2I))
 
 
 def interpreting() -> bool:

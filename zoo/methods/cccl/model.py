@@ -5,9 +5,9 @@ Embedding dicts (one row per image / caption) hold everything pair-independent, 
            C-GRU, first_gi [I, 3d] (GRU^T input projection of v^S); without the C-GRU, relation v^R [I, d].
   caption: words T [C, L, d] (word positions 1..n, no <start>/<end>); n_words [C]; global t^S [C, d]; nodes T^,
            first_gi [C, 3d] (GRU^V projection of t^S) / relation t^R.
-The GRU input projections of the nodes ([.., 3d] per node) are not stored: `score` forms them per chunk of
-pairs (under 1 % of the pair GRUs' cost), which keeps a COCO-5K gallery's caption embeddings at 2d floats per
-word instead of 5d.
+The GRU input projections of the nodes ([.., 3d] per node) are not stored: `score` forms them once per block
+(images) and per chunk of captions (under 1 % of the pair GRUs' cost), which keeps a COCO-5K gallery's caption
+embeddings at 2d floats per word instead of 5d.
 The caption length key is `n_words`, not `lengths`: zoo.evaluation would otherwise sort and trim the caption
 dict by guessing which dims are word positions, which is ambiguous when d (or 3d) equals the caption length;
 `CCCLNet.score` sorts and trims its own blocks instead.
@@ -185,6 +185,8 @@ class CCCLNet(nn.Module):
         order = torch.argsort(cap["n_words"], descending=True)
         out = torch.empty(n_img, n_cap, dtype=torch.float32, device=img["regions"].device)
         regions = img["regions"].shape[1]
+        if "relational" in self.branches and self.use_context_gru:  # once per block, not per chunk of pairs
+            img = {**img, "nodes_gi": gru_input_projection(self.gru.image_gru, img["nodes"])}
         cc = min(n_cap, 128)
         for a in range(0, n_cap, cc):
             idx = order[a : a + cc]
