@@ -461,3 +461,26 @@ def test_triton_kernel_through_the_scorer_equals_reference(monkeypatch):
     assert torch.isfinite(img.grad).all()
     with pytest.raises(ValueError, match="kernel must be"):
         fast_similarity(images, captions, lengths, kernel="cuda")
+
+
+def test_triton_kernel_unavailable_is_a_clear_error(monkeypatch):
+    """kernel='triton' on CPU tensors without Triton's interpreter, or without triton: errors that name the fix."""
+    from zoo.blocks import fast_attention as fa
+
+    ta = _triton()
+    x = torch.zeros(1, 2, 1, 3)
+    cfg = fa._Config(True, True, "clipped_l2", 4.0, 9.0, "mean", "mean", 6.0)
+    args = (x, torch.ones(1, 3), torch.eye(3)[None], torch.ones(1, 2), torch.eye(2)[None], cfg)
+    monkeypatch.setattr(ta, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ta.group_scores(*args)
+    monkeypatch.setattr(ta, "interpreting", lambda: True)
+    monkeypatch.setattr(ta, "triton", None)
+    ta._kernel.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="needs the triton package"):
+            ta.group_scores(*args)
+    finally:
+        ta._kernel.cache_clear()
+    with pytest.raises(ValueError, match="l2-family"):
+        ta.group_scores(x, *args[1:5], fa._Config(True, True, "softmax", 4.0, 9.0, "mean", "mean", 6.0))
