@@ -36,11 +36,11 @@ bench: $(STAMP)
 
 # Training-loader images/s per data.train_features store (mmap, memory, memory_fp16, device_fp16) vs mmap.
 bench-data: $(STAMP)
-	$(BIN)/python -m zoo.bench_data $(BENCH_ARGS)
+	$(BIN)/python -m zoo.bench data $(BENCH_ARGS)
 
 # After `make demo`: where each word of a test caption looks (T2I attention over the region boxes).
 attention: $(STAMP)
-	$(BIN)/python -m zoo.pictures attention --ckpt $(DEMO_CKPT) --root .cache/synthscenes --image 3 --caption 1 \
+	$(BIN)/python -m zoo.tools.pictures attention --ckpt $(DEMO_CKPT) --root .cache/synthscenes --image 3 --caption 1 \
 		--out runs/attention.png
 
 # Every ablation row of a method: `make ablate METHOD=casc DATA=synthetic [TABLE=..] [ROWS=a,b] [LOGGER=csv]`.
@@ -50,17 +50,17 @@ DATA    ?= synthetic
 LOGGER  ?= wandb
 ABLATE_OPTS = $(if $(TABLE),--table $(TABLE)) $(if $(ROWS),--rows $(ROWS)) --logger $(LOGGER)
 ablate: $(STAMP)
-	$(BIN)/python -m zoo.ablate $(METHOD) $(DATA) $(ABLATE_OPTS) $(if $(ARGS),-- $(ARGS))
+	$(BIN)/python -m zoo.experiments.ablate $(METHOD) $(DATA) $(ABLATE_OPTS) $(if $(ARGS),-- $(ARGS))
 
 # The Markdown/CSV/PNG report from finished rows alone (runs/ablate/<method>_<data>/report.*);
 # SEEDS="runs/ablate_seed1 ..." adds those folders' rsum per row and the ordering agreement per table.
 report: $(STAMP)
-	$(BIN)/python -m zoo.report $(METHOD) $(DATA) $(if $(SEEDS),--seeds $(SEEDS))
+	$(BIN)/python -m zoo.experiments.report $(METHOD) $(DATA) $(if $(SEEDS),--seeds $(SEEDS))
 
 # Mean of the similarity matrices of several checkpoints: `make ensemble RECIPE=recipes/x.yaml CKPTS="a.ckpt b.ckpt"`.
 RECIPE ?= $(DEMO)
 ensemble: $(STAMP)
-	$(BIN)/python -m zoo.ensemble --config $(RECIPE) --ckpt $(CKPTS)
+	$(BIN)/python -m zoo.experiments.ensemble --config $(RECIPE) --ckpt $(CKPTS)
 
 clean:
 	rm -rf $(VENV) runs .cache

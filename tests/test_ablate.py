@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from zoo import ablate
-from zoo.ablate import checkpoint_callbacks, discover, parse_label, select, wandb_setup
-from zoo.report import kendall_tau, write_report
+from zoo.experiments import ablate
+from zoo.experiments.ablate import checkpoint_callbacks, wandb_setup
+from zoo.experiments.rows import discover, parse_label, select
+from zoo.experiments.report import kendall_tau, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -372,8 +373,9 @@ def test_two_row_ablation_runs_skips_resumes_logs_and_ensembles(tmp_path, monkey
 
     # 3. ensemble of the two rows' checkpoints = metrics of the mean of their matrices (slow reference)
     from datamodules.datasets import collate
-    from zoo.ensemble import build_datamodule, load_model, main, similarity_matrix
-    from zoo.metrics import retrieval_metrics
+    from zoo.engine.checkpoints import load_model
+    from zoo.experiments.ensemble import build_datamodule, main, similarity_matrix
+    from zoo.engine.metrics import retrieval_metrics
 
     ckpts = [str(root / r / "checkpoints" / "best.ckpt") for r in ("both", "i2t")]
     data_args = DATA_SHRINK

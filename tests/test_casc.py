@@ -13,10 +13,11 @@ from conftest import write_split
 from datamodules import DataError, PrecompDataModule
 from datamodules.labels import STOPWORDS, LabelVocabulary
 from datamodules.parsing import UPOS_ID
-from zoo.evaluation import score_blockwise
+from zoo.engine.evaluation import score_blockwise
 from zoo.blocks import i2t_similarity, region_word_scores, t2i_similarity
+from zoo.blocks.attention import paired_global_weights
 from zoo.blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, local_similarity,
-                                 max_local_similarity, mean_pooled_cosine, paired_global_weights, weighted_label_bce)
+                                 max_local_similarity, mean_pooled_cosine, weighted_label_bce)
 from zoo.methods import CASC, CASCBase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -448,7 +449,7 @@ def synth_root(tmp_path_factory):
 @pytest.mark.parametrize("row", ROWS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_row_trains_a_step_and_evaluates(row, synth_root, tmp_path, monkeypatch):
     from zoo.cli import ZooCLI
-    from zoo.module import RetrievalModule
+    from zoo.engine.module import RetrievalModule
 
     first = row.read_text().splitlines()[0]
     assert first.startswith("# ") and " — " in first, "a row's first line is '# <label> — <what it computes>'"

@@ -9,7 +9,7 @@ import yaml
 from conftest import write_split
 from datamodules import PrecompDataModule
 from zoo.blocks import reference_scoring
-from zoo.evaluation import cat_embeddings, score_blockwise
+from zoo.engine.evaluation import cat_embeddings, score_blockwise
 from zoo.methods import CCCL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,7 +41,7 @@ def test_lightning_fit_then_test_prints_recall_table(tmp_path):
     pred = _run(["predict", "--config", recipe, "--ckpt_path", str(ckpt), *shrink], tmp_path)
     assert pred.returncode == 0, pred.stderr[-3000:]
     png = tmp_path / "att.png"
-    pic = subprocess.run([sys.executable, "-m", "zoo.pictures", "attention", "--ckpt", str(ckpt), "--root",
+    pic = subprocess.run([sys.executable, "-m", "zoo.tools.pictures", "attention", "--ckpt", str(ckpt), "--root",
                           "ss", "--out", str(png)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert pic.returncode == 0, pic.stderr[-3000:]
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -96,7 +96,7 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     shutil_copy(tmp_path / "a" / "ss", tmp_path / "b" / "ss")  # same data (SynthScenes is deterministic anyway)
     steps_per_epoch = -(-60 * 5 // 64)
-    kill = {"trainer": {"callbacks": [{"class_path": "zoo.callbacks.ZooCheckpoint"},
+    kill = {"trainer": {"callbacks": [{"class_path": "zoo.engine.callbacks.ZooCheckpoint"},
                                       {"class_path": "killer.KillAtStep",
                                        "init_args": {"step": 2 * steps_per_epoch + 2}}]}}
     (tmp_path / "kill.yaml").write_text(yaml.safe_dump(kill))

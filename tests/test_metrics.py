@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from zoo.metrics import RetrievalMetrics, all_metrics, fold_metrics, i2t_ranks, retrieval_metrics, t2i_ranks
+from zoo.engine.metrics import RetrievalMetrics, all_metrics, fold_metrics, i2t_ranks, retrieval_metrics, t2i_ranks
 
 
 def _slow_ranks(sims, k=5):

@@ -10,9 +10,9 @@ import torch
 
 from conftest import write_split
 from datamodules import PrecompDataModule
-from zoo.evaluation import cat_embeddings, score_blockwise
+from zoo.engine.evaluation import cat_embeddings, score_blockwise
 from zoo.methods import CASCBase
-from zoo.metrics import all_metrics, retrieval_metrics
+from zoo.engine.metrics import all_metrics, retrieval_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_fold_metrics_are_logged_next_to_the_full_set(tmp_path):
     """COCO-style 1K/5K on a small scale: 10 images in folds of 5 -> val/* (all) and val_fold5/* (fold mean)."""
     import lightning as L
 
-    from zoo.metrics import fold_metrics
+    from zoo.engine.metrics import fold_metrics
 
     _, dm = _tiny(tmp_path, n_val=10)
     model = _model(dm)

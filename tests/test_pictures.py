@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from zoo import pictures
+from zoo.tools import pictures
 from zoo.cli import ZooCLI
-from zoo.module import RetrievalModule
+from zoo.engine.module import RetrievalModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ def _trainer(tmp_path, **kw):
 # ---- 1. the vocabulary is bound to its data and to the checkpoint -----------------------------------------
 
 def _fit_tiny(tmp_path, root):
-    from zoo.callbacks import ZooCheckpoint
+    from zoo.engine.callbacks import ZooCheckpoint
 
     L.seed_everything(0)
     dm = _dm(root)
@@ -60,7 +60,7 @@ def test_checkpoint_refuses_a_reordered_vocabulary_of_the_same_size(tmp_path, ti
     assert "not the one the checkpoint was trained with" in e.problem and "same size" in e.problem
     assert "data.vocab_path" in e.fix
     # the checkpoint's own vocabulary, written back out, is accepted
-    from zoo.vocab import main as vocab_main
+    from zoo.tools.vocab import main as vocab_main
 
     vocab_main([str(ckpt), str(tmp_path / "own.json")])
     model = CASCBase(feature_dim=8, embed_dim=16, word_dim=8, fold_size=None)
@@ -175,7 +175,7 @@ def test_check_features_compares_every_group_of_repeated_rows(tmp_path):
 # (the end-to-end kill-and-resume test through the CLI is in test_cli.py)
 
 def test_last_checkpoint_is_refreshed_every_epoch_without_improvement(tmp_path, tiny_data):
-    from zoo.callbacks import ZooCheckpoint
+    from zoo.engine.callbacks import ZooCheckpoint
 
     model = CASCBase(feature_dim=8, embed_dim=16, word_dim=8, fold_size=None, lr=0.0)  # val/rsum never improves
     _trainer(tmp_path, max_epochs=3, callbacks=[ZooCheckpoint()]).fit(model, _dm(tiny_data))
@@ -271,7 +271,7 @@ def test_model_and_data_mismatches_are_clear_errors(tmp_path, tiny_data):
 
 
 def test_missing_and_truncated_checkpoints(tmp_path, tiny_data):
-    from zoo.cli import check_checkpoint
+    from zoo.engine.checkpoints import check_checkpoint
 
     e = _err(lambda: check_checkpoint(str(tmp_path / "nope.ckpt")))
     assert "not found" in e.problem

@@ -11,7 +11,7 @@ from zoo.blocks.attention import use_reference
 from zoo.blocks.fast_attention import cross_attention_similarity as fast_similarity
 from zoo.blocks.fast_attention import length_groups
 from zoo.blocks.functional import SCORE_NORMS
-from zoo.evaluation import auto_blocks, pair_cost, score_blockwise
+from zoo.engine.evaluation import auto_blocks, pair_cost, score_blockwise
 
 LENGTHS = [8, 3, 5, 5, 1, 8, 2, 3, 3, 7]
 
@@ -189,7 +189,7 @@ def test_auto_blocks_fit_memory_and_cap():
 def test_recall_fast_equals_reference_on_synthscenes(tmp_path, method):
     """A briefly trained model of each method: R@K from the fast path equal to the reference's within 0.1."""
     from datamodules import SynthScenesDataModule
-    from zoo.evaluation import cat_embeddings
+    from zoo.engine.evaluation import cat_embeddings
     from zoo.methods import CASC, CCCL, CASCBase
 
     extra = {"casc_base": {}, "casc": {"with_labels": True},
@@ -231,7 +231,7 @@ def test_recall_fast_equals_reference_on_synthscenes(tmp_path, method):
 
 
 def test_bench_runs_and_prints_ratios(capsys):
-    from zoo import bench
+    from zoo.bench import methods as bench
 
     bench.main(["--images", "3", "--train-batch", "4", "--dim", "16", "--vocab", "30", "--repeats", "1"])
     out = capsys.readouterr().out
@@ -327,7 +327,7 @@ def test_fused_backward_in_image_slabs_equals_reference(monkeypatch):
 
 def test_trim_padding_never_cuts_a_per_caption_vector():
     """A [C, d] vector whose width equals the longest caption length used to be cut to the block's longest."""
-    from zoo.evaluation import trim_padding
+    from zoo.engine.evaluation import trim_padding
 
     cap = {"words": torch.randn(3, 6, 4), "lengths": torch.tensor([3, 2, 3]), "global": torch.randn(3, 6),
            "mask": torch.ones(3, 6, dtype=torch.bool), "graph": torch.ones(3, 6, 6)}
@@ -354,7 +354,7 @@ def test_per_direction_pooling_fast_equals_reference():
 @pytest.mark.parametrize("chunk", [None, 0, 37])
 def test_global_weights_from_the_fast_scorer_equal_eq10_reference(norm, chunk):
     """CASC Eq. (10)'s weights as a by-product of the fast scorer (S_G reading (a) without a second contraction)
-    equal semantic.block_global_weights on the padded block, in the chunked and the whole-block paths."""
+    equal attention.block_global_weights on the padded block, in the chunked and the whole-block paths."""
     images, captions, lengths = _batch()
     kw = dict(norm=norm, lambda_i2t=4.0, lambda_t2i=9.0, agg_i2t="lse")
     with torch.no_grad():
@@ -381,7 +381,7 @@ def test_global_weights_bad_requests_are_reported():
 def test_in_order_embeddings_are_not_copied_and_shuffled_ones_are_ordered():
     """Evaluation memory: one process with an unshuffled loader keeps its embeddings as they are (no copy);
     ids out of order are still sorted, and missing or out-of-range ids are errors."""
-    from zoo.evaluation import gather_and_order
+    from zoo.engine.evaluation import gather_and_order
 
     emb = {"words": torch.randn(5, 3, 2), "lengths": torch.tensor([3, 1, 2, 2, 3])}
     same = gather_and_order(emb, torch.arange(5), 5, "captions")
@@ -396,7 +396,7 @@ def test_in_order_embeddings_are_not_copied_and_shuffled_ones_are_ordered():
 
 
 def test_bench_memory_runs_and_prints_the_ratio(capsys):
-    from zoo import bench_memory
+    from zoo.bench import memory as bench_memory
 
     ratio = bench_memory.main(["--images", "20", "--dim", "16", "--words", "6", "--batch", "7"])
     assert ratio >= 0 and "x the embeddings" in capsys.readouterr().out

@@ -12,7 +12,7 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | CASC  | (7) S_T2I, mean over words             | attention.t2i_similarity                      |
 | CASC  | (3)-(7) both directions, fast path     | fast_attention.cross_attention_similarity (via attention.cross_attention_similarity) |
 | CASC  | (8)-(9) hardest-negative triplet loss  | losses.triplet_ranking_loss                   |
-| CASC  | (10) global attention vectors A^I, A^T | semantic.global_attention_weights (+ block_/paired_global_weights) |
+| CASC  | (10) global attention vectors A^I, A^T | attention.global_attention_weights (+ block_/paired_global_weights) |
 | CASC  | label head d -> 512 -> K (tanh)        | semantic.LabelHead (+ pair_label_logits)      |
 | CASC  | (11) positively weighted BCE           | semantic.weighted_label_bce                   |
 | CASC  | (13) S = beta S_loc + (1-beta) S_G     | semantic.local_similarity, semantic.fuse      |

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .functional import (aggregate, l2_normalize, lengths_to_mask, normalize_scores, reference_scoring, safe_sqrt,
-                         use_reference, wide)
+from .functional import (aggregate, l2_normalize, lengths_to_mask, masked_mean, normalize_scores,  # noqa: F401
+                         reference_scoring, safe_sqrt, use_reference, wide)  # (reference_scoring: re-exported)
 
 
 @dataclass
@@ -132,6 +132,54 @@ def attend(query: torch.Tensor, context: torch.Tensor, *, smooth: float, norm: s
     return torch.bmm(alpha, context), alpha
 
 
+# ---- CASC Eq. (10): the weights that make the global attention vectors (semantic.py's label head reads them) ----
+def pair_attention_weights(cosine: torch.Tensor, word_mask: torch.Tensor, *, smooth_i2t: float, smooth_t2i: float,
+                           norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions' attention weights, exactly as attention.i2t_similarity / t2i_similarity form them.
+
+    cosine [..., R, L] region-word cosines (s_ij, Eq. (3)); word_mask broadcastable to it, True on real words.
+    Returns (alpha_i2t, alpha_t2i), both [..., R, L]: alpha_i2t sums to 1 over words (each region attends over
+    the words, lambda_1, Eq. (4)); alpha_t2i sums to 1 over regions (each word attends over the regions,
+    lambda_2, Eq. (6)).
+    """
+    alpha_i2t = attention_weights(cosine, None, word_mask, smooth_i2t, norm)
+    alpha_t2i = attention_weights(cosine, word_mask, None, smooth_t2i, norm, context_dim=-2)
+    return alpha_i2t, alpha_t2i
+
+
+def global_attention_weights(cosine: torch.Tensor, word_mask: torch.Tensor, *, smooth_i2t: float,
+                             smooth_t2i: float, norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """CASC Eq. (10) as weights: (w_regions [..., R], w_words [..., L]) with A^I = sum_r w_r v_r, A^T = sum_l w_l t_l.
+
+    w_regions = mean over real words of the T2I weights; w_words = mean over regions of the I2T weights (0 on
+    padded words). Each sums to 1.
+    """
+    alpha_i2t, alpha_t2i = pair_attention_weights(cosine, word_mask, smooth_i2t=smooth_i2t, smooth_t2i=smooth_t2i,
+                                                  norm=norm)
+    mask = word_mask.expand_as(cosine)
+    w_regions = masked_mean(alpha_t2i, mask, dim=-1)  # [..., R]
+    w_words = alpha_i2t.mean(dim=-2)  # [..., L]
+    return w_regions, w_words
+
+
+def block_global_weights(sc: RegionWordScores, *, smooth_i2t: float, smooth_t2i: float,
+                         norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (10) weights for every (image, caption) pair of a block: ([I, C, R], [I, C, L])."""
+    return global_attention_weights(sc.cosine, sc.word_mask[None, :, None, :], smooth_i2t=smooth_i2t,
+                                    smooth_t2i=smooth_t2i, norm=norm)
+
+
+def paired_global_weights(regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, *, smooth_i2t: float,
+                          smooth_t2i: float, norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (10) weights of matched pairs (row n of regions with row n of words): ([B, R], [B, L])."""
+    dtype = torch.promote_types(regions.dtype, words.dtype)
+    mask = torch.arange(words.shape[1], device=words.device)[None, :] < lengths[:, None]
+    words = words.to(dtype) * mask[..., None].to(dtype)
+    cosine = wide(torch.einsum("brd,bld->brl", l2_normalize(regions.to(dtype)), l2_normalize(words)))
+    return global_attention_weights(cosine, mask[:, None, :], smooth_i2t=smooth_i2t, smooth_t2i=smooth_t2i,
+                                    norm=norm)
+
+
 # ---- fast path / slow reference switch (lives in functional.py so that encoders can honour it too) -------
 def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, *,
                                i2t: bool = True, t2i: bool = True, lambda_i2t: float = 9.0, lambda_t2i: float = 4.0,
@@ -164,8 +212,6 @@ def cross_attention_similarity(images: torch.Tensor, captions: torch.Tensor, len
     if t2i:
         out["t2i"] = t2i_similarity(None, None, None, smooth=lambda_t2i, agg=agg_t2i or agg, **kw)
     if global_weights:
-        from .semantic import block_global_weights  # semantic builds on this module
-
         out["w_regions"], out["w_words"] = block_global_weights(sc, smooth_i2t=lambda_i2t, smooth_t2i=lambda_t2i,
                                                                 norm=norm)
     return out

@@ -7,6 +7,8 @@ alpha_{j->r}; A^T = (1/k) sum_i a^T_i = sum_l w^T_l t_l with w^T_l = mean over r
 Because the weights sum to one and the label head's first layer is affine, W1 A + b1 = sum w (W1 v) + b1:
 regions and words are projected to the head's hidden size once, and scoring a block of pairs never forms
 d-dim attended vectors (memory O(I*C*(R+L)) weights + O(I*C*hidden) instead of O(I*C*d) per direction).
+The weights themselves (Eq. (10) from the attention weights of Eqs. (4)/(6)) live with the attention, in
+attention.py: the local scorer's fast path hands them out too (cross_attention_similarity(global_weights=True)).
 """
 from __future__ import annotations
 
@@ -14,56 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import RegionWordScores, attention_weights
+from .attention import RegionWordScores, block_global_weights
 from .functional import l2_normalize, masked_mean, wide
-
-
-# ---- Eq. (10): the weights that make the global attention vectors ----------------------------------------------
-def pair_attention_weights(cosine: torch.Tensor, word_mask: torch.Tensor, *, smooth_i2t: float, smooth_t2i: float,
-                           norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
-    """Both directions' attention weights, exactly as attention.i2t_similarity / t2i_similarity form them.
-
-    cosine [..., R, L] region-word cosines (s_ij, Eq. (3)); word_mask broadcastable to it, True on real words.
-    Returns (alpha_i2t, alpha_t2i), both [..., R, L]: alpha_i2t sums to 1 over words (each region attends over
-    the words, lambda_1, Eq. (4)); alpha_t2i sums to 1 over regions (each word attends over the regions,
-    lambda_2, Eq. (6)).
-    """
-    alpha_i2t = attention_weights(cosine, None, word_mask, smooth_i2t, norm)
-    alpha_t2i = attention_weights(cosine, word_mask, None, smooth_t2i, norm, context_dim=-2)
-    return alpha_i2t, alpha_t2i
-
-
-def global_attention_weights(cosine: torch.Tensor, word_mask: torch.Tensor, *, smooth_i2t: float,
-                             smooth_t2i: float, norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
-    """CASC Eq. (10) as weights: (w_regions [..., R], w_words [..., L]) with A^I = sum_r w_r v_r, A^T = sum_l w_l t_l.
-
-    w_regions = mean over real words of the T2I weights; w_words = mean over regions of the I2T weights (0 on
-    padded words). Each sums to 1.
-    """
-    alpha_i2t, alpha_t2i = pair_attention_weights(cosine, word_mask, smooth_i2t=smooth_i2t, smooth_t2i=smooth_t2i,
-                                                  norm=norm)
-    mask = word_mask.expand_as(cosine)
-    w_regions = masked_mean(alpha_t2i, mask, dim=-1)  # [..., R]
-    w_words = alpha_i2t.mean(dim=-2)  # [..., L]
-    return w_regions, w_words
-
-
-def block_global_weights(sc: RegionWordScores, *, smooth_i2t: float, smooth_t2i: float,
-                         norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (10) weights for every (image, caption) pair of a block: ([I, C, R], [I, C, L])."""
-    return global_attention_weights(sc.cosine, sc.word_mask[None, :, None, :], smooth_i2t=smooth_i2t,
-                                    smooth_t2i=smooth_t2i, norm=norm)
-
-
-def paired_global_weights(regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, *, smooth_i2t: float,
-                          smooth_t2i: float, norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (10) weights of matched pairs (row n of regions with row n of words): ([B, R], [B, L])."""
-    dtype = torch.promote_types(regions.dtype, words.dtype)
-    mask = torch.arange(words.shape[1], device=words.device)[None, :] < lengths[:, None]
-    words = words.to(dtype) * mask[..., None].to(dtype)
-    cosine = wide(torch.einsum("brd,bld->brl", l2_normalize(regions.to(dtype)), l2_normalize(words)))
-    return global_attention_weights(cosine, mask[:, None, :], smooth_i2t=smooth_i2t, smooth_t2i=smooth_t2i,
-                                    norm=norm)
 
 
 # ---- the label head (Sec. III-C2, released code d -> 512 -> K, tanh between) ------------------------------------
@@ -119,7 +73,7 @@ def global_label_similarity_pairs(head: LabelHead, sc: RegionWordScores, regions
 
 # elements of one chunk's per-pair label tensors ([pairs, hidden] and [pairs, K], both modalities): cache-sized on
 # the CPU; on a GPU large enough to saturate it and small enough (256 MB each) to stay below the scorer's own
-# working set, which is freed before S_G runs, so a block's peak is not raised (zoo.evaluation.auto_blocks)
+# working set, which is freed before S_G runs, so a block's peak is not raised (zoo.engine.evaluation.auto_blocks)
 LABEL_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
 
 

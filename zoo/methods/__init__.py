@@ -1,4 +1,4 @@
-"""Methods: thin compositions of zoo.blocks on top of zoo.module.RetrievalModule."""
+"""Methods: thin compositions of zoo.blocks on top of zoo.engine.module.RetrievalModule."""
 from .casc import CASC
 from .casc_base import CASCBase
 from .cccl import CCCL

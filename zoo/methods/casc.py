@@ -25,11 +25,12 @@ import torch
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity, region_word_scores, triplet_ranking_loss
 from ..blocks.fast_attention import length_groups
 from ..blocks.functional import masked_mean, use_reference, wide
+from ..blocks.attention import paired_global_weights
 from ..blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, global_label_similarity_pairs,
                                local_similarity, max_local_similarity, mean_pooled_cosine, pair_label_cosine,
-                               paired_global_weights, prediction_cosine, weighted_label_bce)
-from ..evaluation import Emb, gather_padded
-from ..metrics import RetrievalMetrics
+                               prediction_cosine, weighted_label_bce)
+from ..engine.evaluation import Emb, gather_padded
+from ..engine.metrics import RetrievalMetrics
 from .casc_base import CASCBase
 
 LOCALS = ("attention", "max", "none")
@@ -366,7 +367,7 @@ class CASC(CASCBase):
             dm = SynthScenesDataModule(..., with_labels=True); dm.prepare_data(); dm.setup("test")
             model.image_label_words(dm, [0, 1, 2])
         """
-        from ..evaluation import cat_embeddings, score_blockwise
+        from ..engine.evaluation import cat_embeddings, score_blockwise
 
         self.eval()
         chunks = [(self.encode_images(b), self.encode_captions(b))

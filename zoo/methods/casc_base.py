@@ -10,7 +10,7 @@ import torch
 from datamodules.errors import DataError
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity
-from ..module import Emb, RetrievalModule
+from ..engine.module import Emb, RetrievalModule
 
 
 class CASCBase(RetrievalModule):
@@ -51,7 +51,7 @@ class CASCBase(RetrievalModule):
         elif self.text_encoder.embed.num_embeddings != size:
             raise DataError(datamodule.vocab_path, f"the model's vocabulary has {self.text_encoder.embed.num_embeddings} "
                             f"words but this one has {size}", "use the vocabulary the model was trained with "
-                            "(data.vocab_path; `python -m zoo.vocab CKPT OUT.json` writes it from the checkpoint)")
+                            "(data.vocab_path; `python -m zoo.tools.vocab CKPT OUT.json` writes it from the checkpoint)")
 
     def encode_images(self, batch: dict) -> Emb:
         return {"regions": self.image_encoder(batch["images"])}

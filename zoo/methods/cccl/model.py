@@ -8,7 +8,7 @@ Embedding dicts (one row per image / caption) hold everything pair-independent, 
 The GRU input projections of the nodes ([.., 3d] per node) are not stored: `score` forms them once per block
 (images) and per chunk of captions (under 1 % of the pair GRUs' cost), which keeps a COCO-5K gallery's caption
 embeddings at 2d floats per word instead of 5d.
-The caption length key is `n_words`, not `lengths`: zoo.evaluation would otherwise sort and trim the caption
+The caption length key is `n_words`, not `lengths`: zoo.engine.evaluation would otherwise sort and trim the caption
 dict by guessing which dims are word positions, which is ambiguous when d (or 3d) equals the caption length;
 `CCCLNet.score` sorts and trims its own blocks instead.
 """

@@ -17,7 +17,7 @@ from datamodules.errors import DataError
 
 from ...blocks.coherence import hybrid_loss
 from ...blocks.vsf import fuse_scores
-from ...module import Emb, RetrievalModule
+from ...engine.module import Emb, RetrievalModule
 from .model import CCCLNet
 
 
@@ -103,7 +103,7 @@ class CCCL(RetrievalModule):
             elif self.net.bigru.embed.num_embeddings != size:
                 raise DataError(datamodule.vocab_path, f"the model's vocabulary has {self.net.bigru.embed.num_embeddings} "
                                 f"words but this one has {size}", "use the vocabulary the model was trained with "
-                                "(data.vocab_path; `python -m zoo.vocab CKPT OUT.json` writes it from the checkpoint)")
+                                "(data.vocab_path; `python -m zoo.tools.vocab CKPT OUT.json` writes it from the checkpoint)")
         else:
             tok = getattr(datamodule, "subword_tokenizer_obj", None)
             n_model = int(self.net.bert.backbone.config.vocab_size)

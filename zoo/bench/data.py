@@ -1,7 +1,7 @@
 """Training-loader throughput per `data.train_features` store, next to the memory-mapped reference.
 
-    python -m zoo.bench_data --images 2000 --batch 128 --workers 0 2      # make bench-data
-    python -m zoo.bench_data --device cuda                                 # with the copy to a GPU
+    python -m zoo.bench data --images 2000 --batch 128 --workers 0 2      # make bench-data
+    python -m zoo.bench data --device cuda                                 # with the copy to a GPU
 
 Writes a random split in the standard layout (images x 36 x 2048 float32, 5 captions each) to a temporary
 folder, then times one epoch of the training loader for each store, including the transfer to --device and

@@ -1,7 +1,7 @@
 """Peak memory of the shared evaluation flow against the size of the embeddings it evaluates.
 
-    python -m zoo.bench_memory                      # COCO-1K shapes: 1,000 images x 36 x 1024, 5,000 captions x 40
-    python -m zoo.bench_memory --images 5000 --device cuda      # COCO-5K shapes on a GPU
+    python -m zoo.bench memory                      # COCO-1K shapes: 1,000 images x 36 x 1024, 5,000 captions x 40
+    python -m zoo.bench memory --images 5000 --device cuda      # COCO-5K shapes on a GPU
 
 What RetrievalModule does at the end of validation/test: concatenate the per-batch embeddings, put them in id
 order, score the grid block by block. The scorer is a cheap stand-in (mean region . summed words), so the peak is
@@ -15,9 +15,9 @@ import argparse
 
 import torch
 
-from zoo.bench import PeakMemory
-from zoo.evaluation import cat_embeddings
-from zoo.methods import CASCBase
+from .common import PeakMemory
+from ..engine.evaluation import cat_embeddings
+from ..methods import CASCBase
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> float:
         del chunks
         model.evaluate_embeddings(img, cap, image_ids, caption_ids, args.images)
     ratio = (mem.peak_mb or 0.0) / emb_mb
-    print(f"zoo.bench_memory on {dev}: {args.images} images x {args.regions} regions, {5 * args.images} captions x "
+    print(f"zoo.bench memory on {dev}: {args.images} images x {args.regions} regions, {5 * args.images} captions x "
           f"{args.words} words, d={args.dim}: embeddings {emb_mb:,.0f} MB; peak rise during evaluation "
           f"{mem.peak_mb or 0:,.0f} MB = {ratio:.2f}x the embeddings")
     return ratio

@@ -13,15 +13,15 @@ import logging
 import os
 import sys
 import warnings
-import zipfile
-from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
 import datamodules  # noqa: F401  (registers the datamodules for class_path lookup)
-import zoo.methods  # noqa: F401
+import zoo.methods  # noqa: F401  (registers the methods)
 from datamodules.errors import DataError
-from zoo.module import RetrievalModule
+
+from ..engine.checkpoints import check_checkpoint
+from ..engine.module import RetrievalModule
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 # ckpt_path values Lightning resolves itself
@@ -49,24 +49,6 @@ def quiet_console() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropLines())
-
-
-def check_checkpoint(path: str) -> None:
-    """A missing or truncated checkpoint is a clear error before anything is built on it."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(p, "checkpoint not found" if not p.exists() else "is not a file",
-                        "check --ckpt_path (runs/<recipe>/checkpoints/best.ckpt after `lightning fit`)")
-    if zipfile.is_zipfile(p):
-        try:
-            with zipfile.ZipFile(p) as z:
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError) as e:
-            bad = str(e)
-        if bad is None:
-            return
-    raise DataError(p, "checkpoint is truncated or not a PyTorch checkpoint (its archive does not read back)",
-                    "use a complete copy (an interrupted copy or save leaves a short file), or last.ckpt/best.ckpt")
 
 
 class ZooCLI(LightningCLI):

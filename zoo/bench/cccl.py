@@ -1,11 +1,11 @@
 """CCCL evaluation speed: pairs/s of the blockwise all-pairs scorer (Branch 3's per-pair GRUs dominate).
 
-    python -m zoo.methods.cccl.bench --images 20 --dim 1024 --sim-dim 256     # the paper's sizes, CPU
-    python -m zoo.methods.cccl.bench --images 100 --dim 64 --sim-dim 32       # the SynthScenes recipe's sizes
+    python -m zoo.bench cccl --images 20 --dim 1024 --sim-dim 256     # the paper's sizes, CPU
+    python -m zoo.bench cccl --images 100 --dim 64 --sim-dim 32       # the SynthScenes recipe's sizes
 
 Random weights and inputs (the cost does not depend on values), built as `make bench`'s CCCL entry
-(zoo.bench.CCCLBench): images of 36 regions with boxes, 5 captions per image of ~11 words + <start>/<end>
-(zoo.bench.coco_lengths) with a chain of dependency arcs. Encoding (once per item) is timed separately from
+(zoo.bench.specs.CCCLBench): images of 36 regions with boxes, 5 captions per image of ~11 words + <start>/<end>
+(zoo.bench.common.coco_lengths) with a chain of dependency arcs. Encoding (once per item) is timed separately from
 the pair scoring, which is what grows with gallery size (images x captions).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from ...evaluation import score_blockwise
-from .module import CCCL
+from ..engine.evaluation import score_blockwise
+from ..methods import CCCL
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    from ...bench import CCCLBench  # the same random inputs as `make bench`'s CCCL entry
+    from .specs import CCCLBench  # the same random inputs as `make bench`'s CCCL entry
 
     spec = CCCLBench()
     spec.regions = args.regions

@@ -1,8 +1,8 @@
 """`make report`: the ablation tables rebuilt from finished runs, beside the paper's figures.
 
-    python -m zoo.report casc synthetic         # -> runs/ablate/casc_synth/report.{md,csv,png}
+    python -m zoo.experiments.report casc synthetic         # -> runs/ablate/casc_synth/report.{md,csv,png}
 
-Reads every `runs/ablate/<method>_<data>/<table>/<row>/results.json` (written by `zoo.ablate` after a row's
+Reads every `runs/ablate/<method>_<data>/<table>/<row>/results.json` (written by `zoo.experiments.ablate` after a row's
 test) and the paper's figures from `zoo/paper_results/<method>.csv` (header
 `table,row,dataset,protocol,i2t_r1,i2t_r5,i2t_r10,t2i_r1,t2i_r5,t2i_r10,rsum,note`). Missing paper files,
 rows or cells leave their cells empty. Rows of the recipe layout that have not finished are listed as "not run".
@@ -22,11 +22,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from .rows import discover
+
 RECALLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
 PAPER_HEADER = ["table", "row", "dataset", "protocol", *RECALLS, "rsum", "note"]
 PAPER_PROTOCOLS = {"f30k": ("test", "1k", "5k"), "coco": ("1k", "5k", "test")}  # preference order
 DATASET_NAMES = {"synthetic": "SynthScenes", "f30k": "Flickr30K", "coco": "COCO"}
-DEFAULT_PAPER_DIR = Path(__file__).resolve().parent / "paper_results"
+DEFAULT_PAPER_DIR = Path(__file__).resolve().parents[1] / "paper_results"
 DATA_SUFFIX = {"synthetic": "synth", "f30k": "f30k", "coco": "coco"}
 
 
@@ -97,8 +99,6 @@ def our_protocol(data: str, results: dict[tuple[str, str], dict]) -> tuple[str, 
 def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes: str | Path | None = "recipes",
                paper_dir: str | Path | None = None) -> list[dict]:
     """One dict per row (finished or not), in table then NN order; the report's and the W&B table's rows."""
-    from .ablate import discover
-
     results = load_results(method, data, runs)
     paper = load_paper(method, paper_dir)
     layout: list[tuple[str, str, int, str, str]] = []
@@ -305,7 +305,7 @@ def write_report(method: str, data: str, runs: str | Path = "runs/ablate", recip
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zoo.report", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m zoo.experiments.report", description=__doc__.split("\n")[0])
     ap.add_argument("method")
     ap.add_argument("data", choices=list(DATA_SUFFIX))
     ap.add_argument("--runs", default="runs/ablate")

@@ -3,11 +3,11 @@
     # CASC-base / CASC (Figs. 4 and 6): where each word of a caption looks among the region boxes (T2I attention,
     # CASC Eq. (6)); for CASC also the image's top-10 predicted labels with their scores (Fig. 4; averaged over
     # the image's top-3 retrieved test captions, as in the released code)
-    python -m zoo.pictures attention --ckpt runs/casc_synth/checkpoints/best.ckpt --root .cache/synthscenes \
+    python -m zoo.tools.pictures attention --ckpt runs/casc_synth/checkpoints/best.ckpt --root .cache/synthscenes \
         --image 3 --caption 1 --out attention.png
     # CCCL (Fig. 6): region context scores of the visual context-perceived cell (CCCL Eq. (6)): how much every
     # region is read by the others, and what the three most-read regions read
-    python -m zoo.pictures context --ckpt runs/cccl_synth/checkpoints/best.ckpt --root .cache/synthscenes --image 3
+    python -m zoo.tools.pictures context --ckpt runs/cccl_synth/checkpoints/best.ckpt --root .cache/synthscenes --image 3
 
 Needs {split}_boxes.npy (SynthScenes has them; `zoo-convert-tsv` writes them for the bottom-up TSV). The
 functions `attention_figure` / `context_figure` take a module and a datamodule (no checkpoint needed).
@@ -29,16 +29,16 @@ from datamodules.errors import DataError  # noqa: E402
 from datamodules.layout import open_npy, split_paths  # noqa: E402
 from datamodules.text import Vocabulary  # noqa: E402
 
-from .blocks import attend  # noqa: E402
+from ..blocks import attend  # noqa: E402
+from ..engine.checkpoints import load_model  # noqa: E402
 
 
 def load_module(ckpt: str | Path):
-    """The LightningModule a checkpoint was trained as (zoo.ensemble.load_model: the class the CLI recorded),
+    """The LightningModule a checkpoint was trained as (zoo.engine.checkpoints.load_model: the class the CLI recorded),
     in eval mode on CPU."""
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (train one first, e.g. `make demo`)")
-    from .ensemble import load_model
     return load_model(path)
 
 
@@ -102,7 +102,7 @@ def attention_figure(model, dm, image: int = 0, caption: int = 0, labels: int = 
     hp = model.hparams
     if "lambda_t2i" not in hp:
         raise ValueError(f"{type(model).__name__} has no CASC word-to-region attention: for CCCL draw the region "
-                         "context scores (`python -m zoo.pictures context`)")
+                         "context scores (`python -m zoo.tools.pictures context`)")
     batch = _item_batch(dm, image, caption)
     regions = model.encode_images(batch)["regions"]
     cap = model.encode_captions(batch)
@@ -152,7 +152,7 @@ def context_figure(model, dm, image: int = 0, top: int = 3):
     then, for the `top` most-read regions (blue outline), what that region reads."""
     if not hasattr(model, "net") or not hasattr(model.net, "visual"):
         raise ValueError(f"{type(model).__name__} has no context-perceived cell: for CASC/CASC-base draw the word "
-                         "attention (`python -m zoo.pictures attention`)")
+                         "attention (`python -m zoo.tools.pictures attention`)")
     batch = _item_batch(dm, image, 0)
     weights = context_scores(model, batch)
     received = weights.mean(0)

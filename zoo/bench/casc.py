@@ -1,8 +1,8 @@
 """Evaluation time of CASC (S_G reading (a), pair-dependent) against CASC-base on the same [I, 5I] grid.
 
-    python -m zoo.bench_casc --images 200 --dim 256 --repeats 3
+    python -m zoo.bench casc --images 200 --dim 256 --repeats 3
 
-Both score with the shared blockwise loop (zoo.evaluation.score_blockwise) on random embeddings (the cost does
+Both score with the shared blockwise loop (zoo.engine.evaluation.score_blockwise) on random embeddings (the cost does
 not depend on their values; caption lengths follow COCO's). CASC's time includes projecting regions and words
 to the label head's hidden size (done once per item). `--naive` also times the same S_G formed the obvious way,
 materialising the d-dim attention vectors A^I, A^T of every pair, to show what the projection saves.
@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from zoo.bench import coco_lengths
-from zoo.blocks import region_word_scores
-from zoo.blocks.semantic import block_global_weights, prediction_cosine
-from zoo.evaluation import score_blockwise
-from zoo.methods import CASC, CASCBase
+from .common import coco_lengths
+from ..blocks import region_word_scores
+from ..blocks.attention import block_global_weights
+from ..blocks.semantic import prediction_cosine
+from ..engine.evaluation import score_blockwise
+from ..methods import CASC, CASCBase
 
 
 def main(argv: list[str] | None = None) -> None:

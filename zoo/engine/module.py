@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.errors import DataError
 
-from .blocks import triplet_ranking_loss
+from ..blocks import triplet_ranking_loss
 from .evaluation import Emb, cat_embeddings, gather_and_order, gather_padded, score_blockwise
 from .metrics import RetrievalMetrics
 from .progress import lightning_progress
@@ -126,7 +126,7 @@ class RetrievalModule(L.LightningModule):
                         f"({len(trained_words)} words from {trained_source}; the data serves {len(data_words)}{same}), "
                         "so every word id would mean another word",
                         f"evaluate with the training vocabulary: set data.vocab_path to {trained_source} (or a copy "
-                        "of it; `python -m zoo.vocab CKPT OUT.json` writes the checkpoint's own)")
+                        "of it; `python -m zoo.tools.vocab CKPT OUT.json` writes the checkpoint's own)")
 
     # ---- what a checkpoint carries besides the weights ---------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

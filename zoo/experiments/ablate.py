@@ -1,9 +1,9 @@
 """`make ablate`: run every row of a method's ablation tables, resumably, one Lightning run per row.
 
-    python -m zoo.ablate --list casc                       # tables and rows it would run
-    python -m zoo.ablate casc synthetic                    # every row: fit, then test on best.ckpt
-    python -m zoo.ablate casc f30k --table table1_components --rows global,local_attention_global
-    python -m zoo.ablate casc_base synthetic -- --trainer.max_epochs 1    # extra args go to lightning
+    python -m zoo.experiments.ablate --list casc                       # tables and rows it would run
+    python -m zoo.experiments.ablate casc synthetic                    # every row: fit, then test on best.ckpt
+    python -m zoo.experiments.ablate casc f30k --table table1_components --rows global,local_attention_global
+    python -m zoo.experiments.ablate casc_base synthetic -- --trainer.max_epochs 1    # extra args go to lightning
 
 Rows are discovered from the layout `recipes/ablations/<method>/<table>/<NN>_<row>.yaml` (a new row needs no
 change here). Row files whose name starts with `_` are not rows; a row file's first line is the comment
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import socket
 import subprocess
@@ -43,96 +42,10 @@ from typing import Any
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from .rows import Row, discover, format_listing, select
+
 DATASETS = {"synthetic": "synth", "f30k": "f30k", "coco": "coco"}  # DATA -> recipe suffix
 DATA_DIRS = {"f30k": "f30k_precomp", "coco": "coco_precomp"}
-ROW_FILE = re.compile(r"^(\d+)_(.+)\.ya?ml$")
-LABEL_SEPARATORS = (" — ", " – ", " -- ", " - ")
-
-
-# ---- the layout -----------------------------------------------------------------------------------------
-@dataclass
-class Row:
-    method: str
-    table: str
-    name: str
-    order: int
-    path: Path
-    label: str
-    what: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.table}/{self.name}"
-
-
-def parse_label(path: Path) -> tuple[str, str]:
-    """(display label, what it computes) from the row file's first line `# <label> — <what>`."""
-    with open(path, encoding="utf-8") as f:
-        first = f.readline().strip()
-    if not first.startswith("#"):
-        return "", ""
-    text = first.lstrip("#").strip()
-    for sep in LABEL_SEPARATORS:
-        if sep in text:
-            label, what = text.split(sep, 1)
-            return label.strip(), what.strip()
-    return text, ""
-
-
-def discover(method: str, recipes: str | Path = "recipes") -> dict[str, list[Row]]:
-    """{table: rows in NN order} for recipes/ablations/<method>/<table>/<NN>_<row>.yaml."""
-    base = Path(recipes) / "ablations" / method
-    if not base.is_dir():
-        known = sorted(p.name for p in (Path(recipes) / "ablations").glob("*") if p.is_dir())
-        raise ValueError(f"no ablation rows for method {method!r}: {base} does not exist "
-                         f"(methods with rows: {', '.join(known) or 'none'})")
-    tables: dict[str, list[Row]] = {}
-    for tdir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
-        rows = []
-        for f in sorted(tdir.iterdir()):
-            m = ROW_FILE.match(f.name)
-            if f.name.startswith("_") or not f.is_file() or not m:
-                continue
-            label, what = parse_label(f)
-            rows.append(Row(method, tdir.name, m.group(2), int(m.group(1)), f, label or m.group(2), what))
-        rows.sort(key=lambda r: (r.order, r.name))
-        names = [r.name for r in rows]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"{tdir}: two row files share the name(s) {', '.join(sorted(dup))}")
-        if rows:
-            tables[tdir.name] = rows
-    return tables
-
-
-def select(tables: dict[str, list[Row]], table: str | None = None, rows: str | None = None) -> list[Row]:
-    """Rows of one table (or all), optionally only the named ones ('name', 'NN_name' or 'table/name')."""
-    if table:
-        if table not in tables:
-            raise ValueError(f"no table {table!r}; tables: {', '.join(tables)}")
-        tables = {table: tables[table]}
-    chosen = [r for rs in tables.values() for r in rs]
-    if rows:
-        wanted = [w.strip() for w in rows.split(",") if w.strip()]
-        out = []
-        for w in wanted:
-            hits = [r for r in chosen if w in (r.name, r.path.stem, r.key)]
-            if not hits:
-                raise ValueError(f"no row {w!r}; rows: {', '.join(r.key for r in chosen)}")
-            out += [h for h in hits if h not in out]
-        chosen = out
-    return chosen
-
-
-def format_listing(method: str, tables: dict[str, list[Row]]) -> str:
-    lines = [f"{method}: {sum(len(r) for r in tables.values())} rows in {len(tables)} tables"]
-    for t, rows in tables.items():
-        lines.append(f"\n{t}")
-        width = max(len(r.name) for r in rows)
-        for r in rows:
-            what = f" — {r.what}" if r.what else ""
-            lines.append(f"  {r.order:02d} {r.name:<{width}}  {r.label}{what}")
-    return "\n".join(lines)
 
 
 def recipe_for(method: str, data: str, recipes: str | Path = "recipes") -> Path:
@@ -190,7 +103,7 @@ def merged_config(*files: Path | None) -> dict:
 def checkpoint_callbacks(recipe: Path, row: Path, row_dir: Path, sizes: Path | None = None) -> list | None:
     """The recipe's callbacks with every plain ModelCheckpoint pointed at <row dir>/checkpoints, save_last on.
 
-    None when nothing needs changing (e.g. zoo.callbacks.ZooCheckpoint, which already writes
+    None when nothing needs changing (e.g. zoo.engine.callbacks.ZooCheckpoint, which already writes
     <default_root_dir>/checkpoints/{best,last}.ckpt). best.ckpt/last.ckpt are what the runner resumes and tests.
     """
     cbs = (merged_config(recipe, sizes, row).get("trainer") or {}).get("callbacks")
@@ -448,7 +361,7 @@ class Ablation:
         cmd += ["--config", str(sizes)] if sizes else []
         cmd += ["--config", str(row.path),
                "--config", str(cfg_path), "--trainer.default_root_dir", str(row_dir),
-               "--trainer.callbacks+=zoo.ablate.RowCallback"]
+               "--trainer.callbacks+=zoo.experiments.ablate.RowCallback"]
         if stage == "test":
             cmd += ["--trainer.callbacks.results_path", str(row_dir / "test_metrics.json")]
         if ckpt is not None:
@@ -561,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(prog="python -m zoo.ablate", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m zoo.experiments.ablate", description=__doc__.split("\n")[0],
                                  epilog="Arguments after `--` are passed to every `lightning fit/test` of the rows.")
     ap.add_argument("method", nargs="?", help="casc_base | casc | cccl (a folder under recipes/ablations)")
     ap.add_argument("data", nargs="?", choices=list(DATASETS), help="synthetic | f30k | coco")

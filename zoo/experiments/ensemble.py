@@ -1,14 +1,14 @@
 """Ensemble evaluation: average the similarity matrices of several checkpoints, then score the mean.
 
-    python -m zoo.ensemble --config recipes/casc_base_synth.yaml \
+    python -m zoo.experiments.ensemble --config recipes/casc_base_synth.yaml \
         --ckpt runs/ablate/casc_base_synth/directions/i2t/checkpoints/best.ckpt \
                runs/ablate/casc_base_synth/directions/t2i/checkpoints/best.ckpt
 
 SCAN* in CCCL's tables is exactly this with SCAN's t2i and i2t models; SGRAF and VSE∞ report such ensembles too.
 The data come from the recipe's `data:` section (any `--data.init_args.*` override is passed on), the models from
 the checkpoints (any RetrievalModule; each may be a different method). Each model's [I, C] matrix is computed
-with the evaluation path every test uses (zoo.evaluation.score_blockwise over the encoded split) and the metrics
-with zoo.metrics; the table printed has one row per checkpoint and one for the ensemble.
+with the evaluation path every test uses (zoo.engine.evaluation.score_blockwise over the encoded split) and the metrics
+with zoo.engine.metrics; the table printed has one row per checkpoint and one for the ensemble.
 """
 from __future__ import annotations
 
@@ -19,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import cat_embeddings, gather_and_order, score_blockwise
-from .metrics import all_metrics
-from .module import RetrievalModule
-from .reporting import format_recall_table
+from ..engine.checkpoints import load_model
+from ..engine.evaluation import cat_embeddings, gather_and_order, score_blockwise
+from ..engine.metrics import all_metrics
+from ..engine.module import RetrievalModule
+from ..engine.reporting import format_recall_table
 
 
 def build_datamodule(configs: list[str], overrides: list[str]):
     """The recipe's datamodule (model section parsed but unused), prepared and set up for testing."""
-    from .cli import ZooCLI
+    from ..cli import ZooCLI
     args = [a for c in configs for a in ("--config", c)] + list(overrides)
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and a command line
     try:
@@ -39,29 +40,6 @@ def build_datamodule(configs: list[str], overrides: list[str]):
     dm.prepare_data()
     dm.setup("test")
     return dm
-
-
-def load_model(ckpt: str | Path, datamodule=None) -> RetrievalModule:
-    """Any zoo method from its checkpoint (LightningCLI stores the class), checked against the data."""
-    import importlib
-
-    import zoo.methods  # noqa: F401  (the classes a checkpoint may name)
-    hp = torch.load(str(ckpt), map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    class_path = hp.get("_class_path")  # written by LightningCLI
-    if class_path is None:
-        raise ValueError(f"{ckpt}: no _class_path in its hyper_parameters (not written by `lightning fit`)")
-    module, name = class_path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, RetrievalModule)):
-        raise ValueError(f"{ckpt}: {class_path} is not a zoo RetrievalModule")
-    model = cls.load_from_checkpoint(str(ckpt), map_location="cpu")
-    if datamodule is not None:
-        model.check_data(datamodule)
-        if getattr(datamodule, "vocab", None) is not None:
-            model.check_vocabulary(datamodule.vocab.idx2word, str(datamodule.vocab_path), model.vocab_words,
-                                   model.vocab_source)
-        model.configure_from_data(datamodule)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -89,7 +67,7 @@ def ensemble_metrics(sims: list[torch.Tensor], caps_per_image: int = 5, fold_siz
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m zoo.ensemble", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m zoo.experiments.ensemble", description=__doc__.split("\n")[0],
                                  epilog="Other --data.init_args.* arguments are passed to the recipe's datamodule.")
     ap.add_argument("--config", action="append", required=True, help="recipe giving the data (repeatable)")
     ap.add_argument("--ckpt", nargs="+", required=True, help="two or more checkpoints")
