@@ -10,7 +10,7 @@ words. TOKENIZER_VERSION is recorded in every artifact built from tokens (vocabu
 here rebuilds them instead of silently misaligning.
 
 The vocabulary file is SCAN's JSON format ({"word2idx", "idx2word", "idx"}), so SCAN's released vocabularies
-load unchanged; files the zoo builds add a "zoo" entry recording what they were built from.
+load unchanged (and so do the official pickled `*_vocab.pkl` objects, through datamodules.vocab_pickle); files the zoo builds add a "zoo" entry recording what they were built from.
 """
 from __future__ import annotations
 
@@ -129,6 +129,12 @@ class Vocabulary:
         path = Path(path)
         if path.is_dir():
             raise DataError(path, "is a folder, not a vocabulary file", "point data.vocab_path at the JSON file itself")
+        if path.suffix == ".pkl":  # the official pickled Vocabulary objects (SCAN, VSE++): restricted unpickler
+            from .vocab_pickle import load_pickled_words
+
+            vocab = cls.from_words(load_pickled_words(path))
+            vocab._check_specials(path)
+            return vocab
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             idx2word = data["idx2word"]
@@ -144,6 +150,11 @@ class Vocabulary:
                             "give a SCAN-format file with 'word2idx' and 'idx2word' (a dict id -> word, or a list)") from None
         vocab = cls.from_words(words)
         vocab.meta = data.get("zoo") if isinstance(data.get("zoo"), dict) else None
+        vocab._check_specials(path)
+        return vocab
+
+    def _check_specials(self, path: Path) -> None:
+        vocab = self
         for s in SPECIALS:
             if s not in vocab.word2idx:
                 # SCAN's files have <pad>, <start>, <end>, <unk> at 0..3; anything else cannot be served
@@ -151,4 +162,3 @@ class Vocabulary:
                                 "rebuild it with `zoo-prepare` (SCAN-format files with <pad> <start> <end> <unk> work)")
         if vocab.word2idx[PAD] != 0:
             raise DataError(path, "'<pad>' must have index 0", "rebuild the vocabulary with `zoo-prepare`")
-        return vocab
