@@ -80,6 +80,7 @@ class SplitData:
     all_captions: list[str] | None = None  # the whole file, also when max_images keeps a prefix
     _features: np.ndarray | None = field(default=None, repr=False)
     held: np.ndarray | None = field(default=None, repr=False)  # hold_in_memory(): one row per image, fp32/fp16
+    one_region: bool = False  # the file is [N, F] (one vector per image): items are [1, F]
 
     def hold_in_memory(self, dtype=np.float32) -> np.ndarray:
         """Reads the split's image rows into RAM once (dtype float32 or float16: half the memory) and serves
@@ -93,6 +94,8 @@ class SplitData:
                 if bad.any():
                     raise self._non_finite(a + int(np.flatnonzero(bad)[0]))
                 held[a: a + chunk.shape[0]] = chunk
+            if self.one_region:
+                held = held[:, None, :]
             if dtype == np.float16 and not np.isfinite(held).all():
                 raise DataError(self.paths["ims"], "features overflow float16 (|x| > 65504)",
                                 "use data.train_features: memory (float32) or mmap")
@@ -112,7 +115,7 @@ class SplitData:
         x = np.asarray(self.features[row], dtype=np.float32)
         if not np.isfinite(x).all():
             raise self._non_finite(i)
-        return x
+        return x[None] if self.one_region else x
 
     def _non_finite(self, i: int) -> DataError:
         return DataError(self.paths["ims"], f"row {i * self.image_stride} (image {i}) contains NaN or Inf values",
@@ -146,7 +149,13 @@ def load_split(root: str | Path, split: str, *, num_regions: int = 36, feature_d
     if not np.issubdtype(feats.dtype, np.floating):
         raise DataError(paths["ims"], f"features have dtype {feats.dtype}, expected float32",
                         "save the region features as float32")
-    if feats.ndim != 3 or feats.shape[1:] != (num_regions, feature_dim):
+    # one vector per image ([N, F], VSE++'s *_precomp features) is served as one region, [N, 1, F]
+    one_region = feats.ndim == 2 and num_regions == 1 and feats.shape[1] == feature_dim
+    if feats.ndim == 2 and not one_region:
+        raise DataError(paths["ims"], f"features have shape {feats.shape}: one vector per image",
+                        f"set data.num_regions: 1 and data.feature_dim: {feats.shape[1]} (and the model's "
+                        "feature_dim) to serve each vector as one region")
+    if not one_region and (feats.ndim != 3 or feats.shape[1:] != (num_regions, feature_dim)):
         raise DataError(paths["ims"], f"features have shape {feats.shape}, expected [N, {num_regions}, {feature_dim}]",
                         "set data.num_regions / data.feature_dim (and the model's feature_dim) to match the file, "
                         "or use features extracted with the standard bottom-up model")
@@ -168,7 +177,8 @@ def load_split(root: str | Path, split: str, *, num_regions: int = 36, feature_d
     if max_images is not None and max_images < n_images:
         n_images = max_images
         captions = captions[: n_images * caps_per_image]
-    return SplitData(root, split, captions, n_images, stride, caps_per_image, paths, boxes, all_captions)
+    return SplitData(root, split, captions, n_images, stride, caps_per_image, paths, boxes, all_captions,
+                     one_region=one_region)
 
 
 def check_root(root: Path) -> None:

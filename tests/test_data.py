@@ -196,3 +196,23 @@ def test_read_only_data_folder_asks_for_a_cache_dir(tiny_data, monkeypatch):
     monkeypatch.setattr(precomp.os, "access", lambda path, mode: False)
     e = _err(lambda: _dm(tiny_data).prepare_data())
     assert "read-only" in e.problem and "data.cache_dir" in e.fix
+
+
+@pytest.mark.parametrize("store", ["mmap", "memory"])
+def test_one_vector_per_image_is_served_as_one_region(tmp_path, store):
+    """VSE++'s precomp features are [N, F] (optionally one row per caption): served as [B, 1, F]."""
+    root = tmp_path / "d"
+    for split in ("train", "dev", "test"):
+        write_split(root, split, n_images=6, regions=1, dim=8, boxes=False, repeat_rows=split == "test")
+        np.save(root / f"{split}_ims.npy", np.load(root / f"{split}_ims.npy")[:, 0])  # [N, 8]
+    dm = _dm(root, num_regions=1, batch_size=10, train_features=store)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    feats = np.load(root / "train_ims.npy")
+    assert batch["images"].shape == (10, 1, 8)
+    assert np.array_equal(batch["images"][:, 0].numpy(), feats[batch["image_ids"].numpy()])
+    data = load_split(root, "test", num_regions=1, feature_dim=8)
+    assert data.image_stride == 5 and data.image_features(1).shape == (1, 8)
+    with pytest.raises(DataError, match="set data.num_regions: 1"):
+        load_split(root, "train", num_regions=4, feature_dim=8)

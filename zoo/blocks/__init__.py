@@ -21,6 +21,9 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | SCAN  | clipped-l2 normalisation, LSE pooling  | functional.normalize_scores, functional.aggregate |
 | CCCL  | (17) ReLU-l2 normalisation             | functional.normalize_scores(how="relu_l2")   |
 | CCCL  | (33) triplet alignment term            | losses.triplet_ranking_loss                   |
+| VSE++ | image FC + l2 (one vector per image)   | encoders.RegionEncoder                        |
+| VSE++ | GRU, state at the last word, l2        | encoders.GRULastStateEncoder                  |
+| VSE++ | hinge triplet, max_violation / sum     | losses.triplet_ranking_loss                   |
 | CCCL  | (1)-(7) context-perceived cell (CPC)   | cpc.ContextPerceivedCell                      |
 | CCCL  | (8)-(10) visual embedding              | cpc.VisualContextEmbedding                    |
 | CCCL  | (9) absolute position features         | cpc.box_position_tuple, cpc.BoxPositionEmbedding |
@@ -40,13 +43,13 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 """
 from .attention import (RegionWordScores, attend, attention_weights, cross_attention_similarity, i2t_similarity,
                         reference_scoring, region_word_scores, t2i_similarity)
-from .encoders import BiGRUTextEncoder, RegionEncoder
+from .encoders import BiGRUTextEncoder, GRULastStateEncoder, RegionEncoder
 from .functional import aggregate, l2_normalize, lengths_to_mask, normalize_scores, safe_sqrt
 from .losses import triplet_ranking_loss
 
 __all__ = [
     "RegionWordScores", "attend", "attention_weights", "cross_attention_similarity", "reference_scoring",
     "i2t_similarity", "region_word_scores", "t2i_similarity",
-    "BiGRUTextEncoder", "RegionEncoder", "aggregate", "l2_normalize", "lengths_to_mask", "normalize_scores",
+    "BiGRUTextEncoder", "GRULastStateEncoder", "RegionEncoder", "aggregate", "l2_normalize", "lengths_to_mask", "normalize_scores",
     "safe_sqrt", "triplet_ranking_loss",
 ]

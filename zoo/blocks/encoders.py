@@ -75,6 +75,33 @@ class BiGRUTextEncoder(nn.Module):
         return data[index.reshape(-1)].view(tokens.shape[0], tokens.shape[1], -1)
 
 
+class GRULastStateEncoder(nn.Module):
+    """VSE++'s text side (Faghri et al. 2018, Sec. 3; official vsepp model.py:187-231, EncoderText): word
+    embeddings -> one-direction GRU, the state at the last real word (position length-1), l2-normalised.
+
+    tokens [C, L] (0 = padding), lengths [C] -> [C, d]. `normalize=False` skips the l2; `use_abs` takes |.| after
+    it (the official order-embedding switch). The official l2 has no epsilon (a zero state would give NaN); the zoo's
+    l2_normalize maps it to zero -- the same numbers on every non-zero vector.
+    """
+
+    def __init__(self, vocab_size: int, word_dim: int = 300, embed_dim: int = 1024, num_layers: int = 1,
+                 normalize: bool = True, use_abs: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)  # official init_weights (model.py:203-204)
+        self.rnn = nn.GRU(word_dim, embed_dim, num_layers=num_layers, batch_first=True)
+        self.normalize, self.use_abs = normalize, use_abs
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, h_n = self.rnn(packed)  # [layers, C, d]: the last layer's state at step length-1, in input order
+        out = h_n[-1]
+        if self.normalize:
+            out = l2_normalize(out)
+        return out.abs() if self.use_abs else out
+
+
 def _padded_index(batch_sizes: torch.Tensor, sorted_indices: torch.Tensor | None,
                   unsorted_indices: torch.Tensor | None, total_length: int, n_rows: int) -> torch.Tensor:
     """[B, total_length] row of each (sequence, step) in a PackedSequence's data; n_rows for padding."""
