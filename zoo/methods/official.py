@@ -289,5 +289,7 @@ def main(argv: list[str] | None = None) -> None:
           + ("" if args.vocab else "  (no --vocab: the data's vocabulary must be the one it was trained with)"))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m zoo.methods.official`: the package's registry, not this copy's
+    from zoo.methods.official import main as _main
+
+    _main()
