@@ -180,3 +180,17 @@ def test_command_build_and_query_json(casc_base, tmp_path, capsys):
     assert "blorf" in captured.err
     search_cli.main(["query", str(out), "--text", "a red dog", "-k", "2", "--exact"])
     assert "rank" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, extra", [("casc_synth.yaml", ["--model.init_args.label_hidden", "8"]),
+                                           ("cccl_synth.yaml", ["--model.init_args.sim_dim", "4"])])
+def test_two_stage_equals_exhaustive_for_casc_and_cccl(recipe, extra, tmp_path, one_thread):
+    root = tmp_path / "ss"
+    ckpt = train_tiny(recipe, root, tmp_path, extra, steps=1)
+    for side, query in (("images", {"text": "a red dog to the left of a ball"}), ("captions", {"image": 1})):
+        idx = Index(build_index(ckpt, root, "test", side, tmp_path / side, chunk=5, progress=False))
+        exact = idx.query(**query, k=idx.n, rerank=None)
+        two = idx.query(**query, k=idx.n, rerank=idx.n)
+        assert [(h.id, h.score) for h in two.hits] == [(h.id, h.score) for h in exact.hits]
+        assert np.isfinite([h.score for h in exact.hits]).all()
