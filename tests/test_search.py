@@ -194,3 +194,18 @@ def test_two_stage_equals_exhaustive_for_casc_and_cccl(recipe, extra, tmp_path, 
         two = idx.query(**query, k=idx.n, rerank=idx.n)
         assert [(h.id, h.score) for h in two.hits] == [(h.id, h.score) for h in exact.hits]
         assert np.isfinite([h.score for h in exact.hits]).all()
+
+
+def test_quality_table_two_stage_reaches_exact_at_full_rerank(casc_base, tmp_path):
+    from zoo.search import quality
+
+    ckpt, root, _ = casc_base
+    rows = quality.measure(str(ckpt), str(root), tmp_path / "q", reranks=[2, 60], progress=False)
+    by = {r["rerank"]: r for r in rows}
+    assert set(by) == {"exact (zoo.metrics)", "exact (index)", 2, 60}
+    # 60 candidates cover both galleries (12 images, 60 captions): two-stage is the exact ranking
+    assert all(by[60][c] == by["exact (index)"][c] for c in quality.COLS) and by[60]["top10_t2i"] == 100.0
+    assert by[2]["top10_i2t"] == by[2]["top10_t2i"] == 0.0  # 2 candidates never hold an exact top-10
+    quality.write_report(rows, tmp_path / "q", "tiny")
+    assert (tmp_path / "q" / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 60 |" in (tmp_path / "q" / "quality.md").read_text()
