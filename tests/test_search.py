@@ -209,3 +209,13 @@ def test_quality_table_two_stage_reaches_exact_at_full_rerank(casc_base, tmp_pat
     quality.write_report(rows, tmp_path / "q", "tiny")
     assert (tmp_path / "q" / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 60 |" in (tmp_path / "q" / "quality.md").read_text()
+
+
+def test_bench_search_runs_small(tmp_path, capsys, one_thread):
+    from zoo.bench import search as bench
+
+    bench.main(["--sizes", "300", "2000", "--full-max", "300", "--exhaustive-max", "300", "--dim", "16",
+                "--regions", "4", "--max-words", "8", "--queries", "3", "--threads", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("two-stage rerank=100") == 2 and out.count("exhaustive exact") == 2
+    assert "first stage only" in out and "2000" in out
