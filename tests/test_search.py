@@ -219,3 +219,26 @@ def test_bench_search_runs_small(tmp_path, capsys, one_thread):
     out = capsys.readouterr().out
     assert out.count("two-stage rerank=100") == 2 and out.count("exhaustive exact") == 2
     assert "first stage only" in out and "2000" in out
+
+
+def test_two_shards_equal_one_index(casc_base, image_index, tmp_path):
+    from zoo.search import ShardedIndex
+
+    ckpt, root, _ = casc_base
+    parts = [build_index(ckpt, root, "test", "images", tmp_path / f"s{i}", chunk=4, progress=False, shard=(i, 2))
+             for i in range(2)]
+    one = Index(image_index)
+    both = ShardedIndex.open([parts[1], parts[0]])  # any order
+    assert [s.offset for s in both.shards] == [0, 6] and both.n == 12
+    text = one.meta["captions"][5][1]
+    for rerank in (3, 7, None):
+        a, b = one.query(text=text, k=5, rerank=rerank), both.query(text=text, k=5, rerank=rerank)
+        assert [h.id for h in a.hits] == [h.id for h in b.hits] and a.candidates == b.candidates
+        assert np.allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-6)
+        assert [h.caption for h in a.hits] == [h.caption for h in b.hits]
+    with pytest.raises(DataError, match="missing or given twice"):
+        ShardedIndex.open([parts[0]])
+    search_cli.main(["query", str(parts[0]), str(parts[1]), "--text", text, "-k", "2", "--json"])
+    with pytest.raises(ValueError, match="i/n"):
+        search_cli.main(["build", "--ckpt", str(ckpt), "--root", str(root), "--out", str(tmp_path / "x"),
+                         "--shard", "2"])

@@ -4,6 +4,6 @@
 global vector); `Index.query` picks candidates by the global vector and re-ranks them with the method's exact score.
 The `zoo-search` command (zoo.search.cli) wraps both.
 """
-from .index import Hit, Index, IndexWriter, Results, build_index, sha256_file
+from .index import Hit, Index, IndexWriter, Results, ShardedIndex, build_index, sha256_file
 
-__all__ = ["Hit", "Index", "IndexWriter", "Results", "build_index", "sha256_file"]
+__all__ = ["Hit", "Index", "IndexWriter", "Results", "ShardedIndex", "build_index", "sha256_file"]

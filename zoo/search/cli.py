@@ -5,6 +5,7 @@
     zoo-search query runs/index_images --text "a dog left of a red car" -k 5 [--rerank 100 | --exact] [--json]
     zoo-search build ... --side captions --out runs/index_captions
     zoo-search query runs/index_captions --image-id 3 -k 5
+    zoo-search build ... --shard 0/2 --out I0; zoo-search build ... --shard 1/2 --out I1; zoo-search query I0 I1 ...
 
 --json prints a list of {"rank", "id", "score", "caption"} (the caption for caption galleries, the image's first
 caption for image galleries); words the checkpoint's vocabulary lacks are reported on stderr.
@@ -21,15 +22,19 @@ from datamodules.errors import DataError
 def _build(args) -> None:
     from .index import build_index
 
+    try:
+        i, n = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must read i/n (e.g. 0/2), got {args.shard!r}") from None
     out = build_index(args.ckpt, args.root, args.split, args.side, args.out, chunk=args.chunk, ann=args.ann,
-                      progress=not args.no_progress, parser=args.parser)
+                      progress=not args.no_progress, parser=args.parser, shard=(i, n))
     print(f"index written to {out}")
 
 
 def _query(args) -> None:
-    from .index import Index
+    from .index import ShardedIndex
 
-    idx = Index(args.index, ckpt=args.ckpt)
+    idx = ShardedIndex.open(args.index, ckpt=args.ckpt)
     res = idx.query(text=args.text, image=args.image_id, k=args.k, rerank=None if args.exact else args.rerank)
     if res.oov:
         print(f"note: not in the checkpoint's vocabulary (read as <unk>): {', '.join(res.oov)}", file=sys.stderr)
@@ -57,9 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--ann", choices=["flat", "hnsw"], default="flat",
                    help="first-stage FAISS index: exact inner product (default) or approximate HNSW")
     b.add_argument("--parser", default="spacy", help="dependency parser of methods that read graphs (CCCL)")
+    b.add_argument("--shard", default="0/1", help="i/n: build only the i-th of n parts of the gallery (query the "
+                   "n folders together)")
     b.add_argument("--no-progress", action="store_true")
     q = sub.add_parser("query", help="top-k items of an index for a text (image gallery) or an image (caption gallery)")
-    q.add_argument("index")
+    q.add_argument("index", nargs="+", help="the index folder (or every shard folder of a sharded build)")
     what = q.add_mutually_exclusive_group(required=True)
     what.add_argument("--text")
     what.add_argument("--image-id", type=int)

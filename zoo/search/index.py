@@ -100,6 +100,7 @@ class BuildArgs:
     side: str
     chunk: int
     ann: str
+    shard: list[int]
 
     def same_build(self, meta: dict) -> bool:
         return all(meta.get(k) == v for k, v in asdict(self).items() if k not in ("checkpoint", "root"))
@@ -199,10 +200,15 @@ def _read_json(path: Path, folder: Path) -> dict:
 
 def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", side: str = "images",
                 out: str | Path = "index", chunk: int = 256, ann: str = "flat", progress: bool = True,
-                stop_after: int | None = None, parser: str = "spacy") -> Path:
+                stop_after: int | None = None, parser: str = "spacy", shard: tuple[int, int] = (0, 1)) -> Path:
     """Encodes the split's images (side="images") or captions (side="captions") with the checkpoint, `chunk` images
     at a time, into the folder `out`. Run again after an interruption, it resumes from the last chunk written.
-    stop_after: stop after this many chunks as an interruption would (tests)."""
+    shard (i, n): only the i-th of n contiguous parts of the split's images (or of their captions); a query over
+    the n folders (ShardedIndex) merges their candidates. stop_after: stop after this many chunks as an interruption
+    would (tests)."""
+    i_shard, n_shards = shard
+    if not (n_shards >= 1 and 0 <= i_shard < n_shards):
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {i_shard}/{n_shards}")
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     if ann not in ANN:
@@ -210,10 +216,10 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
     check_checkpoint(str(checkpoint))
     out = Path(out)
     args = BuildArgs(str(Path(checkpoint).resolve()), sha256_file(checkpoint), str(Path(root).resolve()), split, side,
-                     chunk, ann)
+                     chunk, ann, [i_shard, n_shards])
     old = _read_json(out / "meta.json", out) if (out / "meta.json").exists() else None
     if old is not None and not args.same_build(old):
-        raise DataError(out, "the folder holds another index (other checkpoint, split, side, chunk or ann)",
+        raise DataError(out, "the folder holds another index (other checkpoint, split, side, chunk, ann or shard)",
                         "pass another --out, or delete the folder to rebuild it")
     if old is not None and old.get("complete"):
         return out
@@ -222,7 +228,10 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
     ds = dm.dataset("test")
     data = dm.split_data("test")
     k = data.caps_per_image
-    n_images = len(ds)
+    lo, hi = i_shard * len(ds) // n_shards, (i_shard + 1) * len(ds) // n_shards  # this shard's images
+    n_images = hi - lo
+    if n_images < 1:
+        raise ValueError(f"shard {i_shard}/{n_shards} of {len(ds)} images is empty: use fewer shards")
     n_chunks = -(-n_images // chunk)
     col = dict(with_pos=dm.with_pos, with_graphs=dm.with_graphs)
     if old is None:
@@ -232,11 +241,14 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
         shapes = {key: (tuple(v.shape[1:]), _store_dtype(v)) for key, v in probe.items()}
         g = model.global_embedding(probe, side)
         items = n_images if side == "images" else n_images * k
-        ids = list(range(items))
-        captions = data.captions if side == "captions" else [data.captions[i * k : (i + 1) * k] for i in range(n_images)]
+        offset = lo if side == "images" else lo * k  # the id of this shard's first item in the split
+        ids = list(range(offset, offset + items))
+        captions = data.captions[offset : offset + items] if side == "captions" else \
+            [data.captions[i * k : (i + 1) * k] for i in range(lo, hi)]
         meta = {**asdict(args), "method": f"{type(model).__module__}.{type(model).__qualname__}",
                 "vocab": model.vocab_words, "vocab_sha256": vocabulary_digest(model.vocab_words),
-                "caps_per_image": k, "n_items": items, "ids": ids, "captions": captions, "parser": parser}
+                "caps_per_image": k, "n_items": items, "n_split_items": len(ds) * (1 if side == "images" else k),
+                "offset": offset, "ids": ids, "captions": captions, "parser": parser}
         writer = IndexWriter.create(out, meta, shapes, int(g.shape[1]), n_chunks)
     else:
         writer = IndexWriter.reopen(out, old)
@@ -245,7 +257,7 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
         if stop_after is not None and c - start_chunk >= stop_after:
             return out
         a, b = c * chunk, min(n_images, (c + 1) * chunk)
-        emb = _encode(model, collate([ds[i] for i in range(a, b)], **col), side)
+        emb = _encode(model, collate([ds[lo + i] for i in range(a, b)], **col), side)
         glob = model.global_embedding(emb, side).float().cpu().numpy()
         arrays = {key: v.cpu().numpy().astype(writer.arrays[key].dtype) for key, v in emb.items()}
         writer.write(c, a if side == "images" else a * k, arrays, glob)
@@ -408,14 +420,77 @@ class Index:
             out[a : a + SCORE_BLOCK] = s.float().cpu().numpy()
         return out
 
-    def first_stage(self, query: dict[str, torch.Tensor], n: int) -> np.ndarray:
-        """The top-n gallery ids by the global vector (FAISS inner product), ascending."""
+    def first_stage(self, query: dict[str, torch.Tensor], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top-n rows of this folder by the global vector (FAISS inner product): (rows, inner products), best
+        first."""
         q_side = "captions" if self.side == "images" else "images"
         with torch.no_grad():
             q = self.model.global_embedding(query, q_side).float().cpu().numpy()
-        _, ids = self.faiss.search(np.ascontiguousarray(q, dtype=np.float32), min(n, self.n))
-        ids = ids[0]
-        return np.sort(ids[ids >= 0])
+        sims, rows = self.faiss.search(np.ascontiguousarray(q, dtype=np.float32), min(n, self.n))
+        keep = rows[0] >= 0
+        return rows[0][keep], sims[0][keep]
+
+    @property
+    def offset(self) -> int:
+        return int(self.meta.get("offset", 0))
+
+    def check_query(self, text, image) -> None:
+        if (text is None) == (image is None):
+            raise ValueError("give exactly one of text= and image=")
+        if text is not None and self.side != "images":
+            raise ValueError(f"{self.folder} is a caption gallery: query it with an image (image=N / --image-id N)")
+        if image is not None and self.side != "captions":
+            raise ValueError(f"{self.folder} is an image gallery: query it with text (text=... / --text ...)")
+
+    def encode_query(self, text, image) -> tuple[dict[str, torch.Tensor], list[str]]:
+        self.check_query(text, image)
+        return self.encode_text(text) if text is not None else (self.encode_image(int(image)), [])
+
+    def query(self, text: str | None = None, image: int | None = None, k: int = 10, rerank: int | None = 100,
+              query_emb: dict[str, torch.Tensor] | None = None) -> Results:
+        """Top-k gallery items for a text query (image galleries) or image `image` of the split (caption galleries).
+
+        rerank: stage-1 candidates re-scored exactly; None = score the whole gallery exactly (the reference).
+        query_emb: an already encoded query (benchmarks)."""
+        return ShardedIndex([self]).query(text, image, k, rerank, query_emb)
+
+    def caption(self, row: int) -> str:
+        """The caption of a row (caption galleries), or the image's first caption (image galleries)."""
+        caps = self.meta.get("captions")
+        if not caps or len(caps) != self.n:
+            return ""
+        c = caps[row]
+        return c[0] if isinstance(c, list) else c
+
+
+class ShardedIndex:
+    """Index folders of one gallery built in shards (`build_index(shard=(i, n))`, `zoo-search build --shard i/n`),
+    queried as one: each shard gives its top `rerank` by the global vector, the merged top `rerank` are re-ranked
+    exactly, each by the shard that holds it. Item ids are the split's."""
+
+    def __init__(self, shards: list[Index]):
+        if not shards:
+            raise ValueError("no index folders given")
+        self.shards = sorted(shards, key=lambda s: s.offset)
+        first = self.shards[0].meta
+        for s in self.shards[1:]:
+            for key in ("checkpoint_sha256", "split", "side", "vocab_sha256", "n_split_items", "global_dim"):
+                if s.meta.get(key) != first.get(key):
+                    raise DataError(s.folder, f"this shard's {key} ({s.meta.get(key)}) differs from {self.shards[0].folder}'s "
+                                    f"({first.get(key)}): not shards of one index", "query the shards of one build together")
+        covered = [(s.offset, s.offset + s.n) for s in self.shards]
+        total = first.get("n_split_items", self.shards[0].n)
+        if covered[0][0] != 0 or any(a[1] != b[0] for a, b in zip(covered, covered[1:])) or covered[-1][1] != total:
+            raise DataError(self.shards[0].folder, f"the shards cover items {covered} of 0..{total - 1}: some are missing "
+                            "or given twice", "pass every shard folder of the build once (--shard 0/n ... n-1/n)")
+        self.n, self.side, self.model = total, self.shards[0].side, self.shards[0].model
+        for s in self.shards[1:]:
+            s.model = self.model  # one model scores every shard (the same checkpoint, checked above)
+
+    @classmethod
+    def open(cls, folders: list[str | Path], ckpt: str | Path | None = None, device: str = "cpu") -> "ShardedIndex":
+        first = Index(folders[0], ckpt=ckpt, device=device)
+        return cls([first] + [Index(f, ckpt=ckpt, model=first.model, device=device) for f in folders[1:]])
 
     def query(self, text: str | None = None, image: int | None = None, k: int = 10, rerank: int | None = 100,
               query_emb: dict[str, torch.Tensor] | None = None) -> Results:
@@ -426,28 +501,27 @@ class Index:
         t0 = time.perf_counter()
         oov: list[str] = []
         if query_emb is None:
-            if (text is None) == (image is None):
-                raise ValueError("give exactly one of text= and image=")
-            if text is not None and self.side != "images":
-                raise ValueError(f"{self.folder} is a caption gallery: query it with an image (image=N / --image-id N)")
-            if image is not None and self.side != "captions":
-                raise ValueError(f"{self.folder} is an image gallery: query it with text (text=... / --text ...)")
-            query_emb, oov = self.encode_text(text) if text is not None else (self.encode_image(int(image)), [])
-        t1 = time.perf_counter()
+            query_emb, oov = self.shards[0].encode_query(text, image)
         if rerank is not None and rerank < 1:
             raise ValueError(f"rerank must be >= 1 or None (exhaustive), got {rerank}")
-        ids = np.arange(self.n) if rerank is None else self.first_stage(query_emb, max(rerank, k))
+        t1 = time.perf_counter()
+        if rerank is None:
+            picked = [np.arange(s.n) for s in self.shards]
+        else:
+            n = max(rerank, k)
+            found = [s.first_stage(query_emb, n) for s in self.shards]
+            ids = np.concatenate([s.offset + rows for s, (rows, _) in zip(self.shards, found)])
+            sims = np.concatenate([g for _, g in found])
+            top = ids[np.lexsort((ids, -sims))[:n]]  # the merged top n by inner product, ties by id
+            picked = [np.sort(top[(top >= s.offset) & (top < s.offset + s.n)] - s.offset) for s in self.shards]
         t2 = time.perf_counter()
-        scores = self.score_items(query_emb, ids)
+        ids = np.concatenate([s.offset + rows for s, rows in zip(self.shards, picked)])
+        scores = np.concatenate([s.score_items(query_emb, rows) for s, rows in zip(self.shards, picked)])
         order = np.lexsort((ids, -scores))[:k]  # by score, ties by id
         t3 = time.perf_counter()
-        hits = [Hit(r + 1, int(ids[j]), float(scores[j]), self._caption(int(ids[j]))) for r, j in enumerate(order)]
+        hits = []
+        for r, j in enumerate(order):
+            shard = next(s for s in self.shards if s.offset <= ids[j] < s.offset + s.n)
+            hits.append(Hit(r + 1, int(ids[j]), float(scores[j]), shard.caption(int(ids[j]) - shard.offset)))
         return Results(hits, oov, int(ids.size), {"encode": 1e3 * (t1 - t0), "first_stage": 1e3 * (t2 - t1),
                                                   "rerank": 1e3 * (t3 - t2)})
-
-    def _caption(self, i: int) -> str:
-        caps = self.meta.get("captions")
-        if not caps:
-            return ""
-        c = caps[self.meta["ids"][i]] if len(caps) == self.n else ""
-        return c[0] if isinstance(c, list) else c
