@@ -242,3 +242,34 @@ def test_two_shards_equal_one_index(casc_base, image_index, tmp_path):
     with pytest.raises(ValueError, match="i/n"):
         search_cli.main(["build", "--ckpt", str(ckpt), "--root", str(root), "--out", str(tmp_path / "x"),
                          "--shard", "2"])
+
+
+def test_page_and_api(casc_base, image_index, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from zoo.search import ShardedIndex
+    from zoo.search.serve import create_app
+
+    ckpt, root, _ = casc_base
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "3.png").write_bytes(b"\x89PNG fake")
+    idx = ShardedIndex.open([image_index])
+    client = TestClient(create_app(idx, images=pics))
+    page = client.get("/")
+    assert page.status_code == 200 and "<input id=\"q\"" in page.text and "CASCBase" in page.text
+    text = idx.shards[0].meta["captions"][3][0]
+    r = client.get("/api/search", params={"q": text + " zonk", "k": 12})
+    assert r.status_code == 200
+    data = r.json()
+    assert data["oov"] == ["zonk"] and [h["rank"] for h in data["results"]] == list(range(1, 13))
+    ref = idx.query(text=text + " zonk", k=12)
+    assert [h["id"] for h in data["results"]] == [h.id for h in ref.hits]
+    hit = data["results"][0]
+    assert len(hit["boxes"]) == 5 and len(hit["weights"]) == 5 and abs(sum(hit["weights"]) - 1) < 1e-4
+    assert {h["id"]: h["image"] for h in data["results"]}[3] == "/api/image/3"
+    assert client.get("/api/image/3").content == b"\x89PNG fake"
+    assert client.get("/api/image/4").status_code == 404
+    bad = client.get("/api/search", params={"image": 1})
+    assert bad.status_code == 400 and "image gallery" in bad.json()["detail"]

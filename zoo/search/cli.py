@@ -5,6 +5,7 @@
     zoo-search query runs/index_images --text "a dog left of a red car" -k 5 [--rerank 100 | --exact] [--json]
     zoo-search build ... --side captions --out runs/index_captions
     zoo-search query runs/index_captions --image-id 3 -k 5
+    zoo-search serve runs/index_images --port 8000 [--images DIR]   # a page and /api/search?q=...&k=...
     zoo-search build ... --shard 0/2 --out I0; zoo-search build ... --shard 1/2 --out I1; zoo-search query I0 I1 ...
 
 --json prints a list of {"rank", "id", "score", "caption"} (the caption for caption galleries, the image's first
@@ -48,6 +49,12 @@ def _query(args) -> None:
         print(f"{h.rank:>4}  {h.id:>6}  {h.score:>8.4f}  {h.caption}")
 
 
+def _serve(args) -> None:
+    from .serve import serve
+
+    serve(args.index, port=args.port, host=args.host, images=args.images, ckpt=args.ckpt)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="zoo-search", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -75,9 +82,15 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--exact", action="store_true", help="score the whole gallery exactly (the reference)")
     q.add_argument("--ckpt", default=None, help="checkpoint to score with (default: the one the index was built from)")
     q.add_argument("--json", action="store_true")
+    s = sub.add_parser("serve", help="one HTML page and a JSON API (/api/search?q=...&k=...) over an index")
+    s.add_argument("index", nargs="+")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--images", default=None, help="folder of image files named by item id ({id}.jpg / .png)")
+    s.add_argument("--ckpt", default=None)
     args = ap.parse_args(argv)
     try:
-        (_build if args.cmd == "build" else _query)(args)
+        {"build": _build, "query": _query, "serve": _serve}[args.cmd](args)
     except (DataError, ValueError, IndexError) as e:
         if argv is not None:  # called from Python (tests): let the caller see the exception
             raise
