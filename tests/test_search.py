@@ -218,7 +218,7 @@ def test_bench_search_runs_small(tmp_path, capsys, one_thread):
                 "--regions", "4", "--max-words", "8", "--queries", "3", "--threads", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.count("two-stage rerank=100") == 2 and out.count("exhaustive exact") == 2
-    assert "first stage only" in out and "2000" in out
+    assert "stage 1 only, flat" in out and "stage 1 only, ivf (recall" in out and "2000" in out
 
 
 def test_two_shards_equal_one_index(casc_base, image_index, tmp_path):
@@ -273,3 +273,13 @@ def test_page_and_api(casc_base, image_index, tmp_path):
     assert client.get("/api/image/4").status_code == 404
     bad = client.get("/api/search", params={"image": 1})
     assert bad.status_code == 400 and "image gallery" in bad.json()["detail"]
+
+
+@pytest.mark.parametrize("ann", ["ivf", "hnsw"])
+def test_approximate_first_stage_options(casc_base, image_index, tmp_path, ann):
+    ckpt, root, _ = casc_base
+    idx = Index(build_index(ckpt, root, "test", "images", tmp_path / ann, chunk=6, ann=ann, progress=False))
+    text = idx.meta["captions"][1][0]
+    exact = Index(image_index).query(text=text, k=12, rerank=None)
+    got = idx.query(text=text, k=12, rerank=12)
+    assert idx.meta["ann"] == ann and [h.id for h in got.hits] == [h.id for h in exact.hits]

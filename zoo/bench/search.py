@@ -8,7 +8,8 @@ memory-mapped per-item embeddings, float32 global vectors, a FAISS exact inner-p
 regions x d, text->image queries) and one of captions (30 words x d, COCO-like lengths, image->text queries), and
 queried through Index.query with CASC-base's exact score re-ranking `--rerank` candidates; sizes up to
 --exhaustive-max also time the exhaustive exact scoring of the whole gallery (rerank=None, the reference). Larger
-sizes run the first stage alone (a FAISS flat index of n unit vectors in RAM). Prints build time, bytes per item on
+sizes run the first stage alone (FAISS indexes of n unit vectors in RAM: exact flat, and approximate IVF-Flat with
+its recall of the exact top-rerank). Prints build time, bytes per item on
 disk and in RAM, latency p50/p99 per direction and the peak memory of the queries (VmHWM over VmRSS).
 """
 from __future__ import annotations
@@ -121,34 +122,45 @@ def bench_full(n: int, args, out: Path) -> list[dict]:
     return rows
 
 
-def bench_first_stage(n: int, args) -> dict:
-    from ..search.index import _faiss
+def bench_first_stage(n: int, args, ann: str) -> dict:
+    """Stage 1 alone over n random unit vectors (zoo.search.index.make_ann); recall@rerank of an approximate index
+    against the exact top-rerank of the same queries (on random vectors, the hardest case for IVF)."""
+    from ..search.index import make_ann
 
-    faiss = _faiss()
     rng = np.random.default_rng(n)
     t = time.perf_counter()
-    index = faiss.IndexFlatIP(args.dim)
+    sample = _unit(rng.standard_normal((min(n, 50_000), args.dim), dtype=np.float32)) if ann == "ivf" else None
+    index = make_ann(args.dim, ann, n, sample)
+    exact = make_ann(args.dim, "flat", n) if ann != "flat" and n <= args.recall_max else None
     for a in range(0, n, 65536):
-        index.add(_unit(rng.standard_normal((min(65536, n - a), args.dim), dtype=np.float32)))
+        x = _unit(rng.standard_normal((min(65536, n - a), args.dim), dtype=np.float32))
+        index.add(x)
+        if exact is not None:
+            exact.add(x)
     build_s = time.perf_counter() - t
     qs = _unit(rng.standard_normal((args.queries, args.dim), dtype=np.float32))
     with PeakMemory(torch.device("cpu")) as pm:
         p50, p99 = _latency(lambda q: index.search(qs[q : q + 1], args.rerank), args.queries)
-    row = {"n": n, "direction": "t2i/i2t", "mode": f"first stage only (top {args.rerank})", "build_s": build_s,
+    mode = f"stage 1 only, {ann}"
+    if exact is not None:
+        got, want = index.search(qs, args.rerank)[1], exact.search(qs, args.rerank)[1]
+        rec = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, want)])
+        mode += f" (recall {100 * rec:.0f}%)"
+    row = {"n": n, "direction": "t2i/i2t", "mode": mode, "build_s": build_s,
            "disk_B_per_item": float("nan"), "ram_B_per_item": args.dim * 4, "p50_ms": p50, "p99_ms": p99,
            "peak_mb": pm.peak_mb}
     print(_fmt(row), flush=True)
-    del index
+    del index, exact
     return row
 
 
-HEADER = (f"{'items':>9} {'dir':>7} {'mode':<28} {'build s':>8} {'disk B/item':>12} {'RAM B/item':>11} {'p50 ms':>8} "
+HEADER = (f"{'items':>9} {'dir':>7} {'mode':<34} {'build s':>8} {'disk B/item':>12} {'RAM B/item':>11} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'peak MB':>8}")
 
 
 def _fmt(r: dict) -> str:
     peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-    return (f"{r['n']:>9} {r['direction']:>7} {r['mode']:<28} {r['build_s']:>8.1f} {r['disk_B_per_item']:>12.0f} "
+    return (f"{r['n']:>9} {r['direction']:>7} {r['mode']:<34} {r['build_s']:>8.1f} {r['disk_B_per_item']:>12.0f} "
             f"{r['ram_B_per_item']:>11.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {peak:>8}")
 
 
@@ -163,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--rerank", type=int, default=100)
+    ap.add_argument("--ann", nargs="+", default=["flat", "ivf"], choices=["flat", "ivf", "hnsw"],
+                    help="first-stage indexes timed alone on the sizes above --full-max")
+    ap.add_argument("--recall-max", type=int, default=100000,
+                    help="largest size where an approximate index's recall is checked against the exact one")
     ap.add_argument("--out", default="runs/bench_search")
     ap.add_argument("--keep", action="store_true", help="keep the index folders")
     args = ap.parse_args(argv)
@@ -182,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         if n <= args.full_max and need < 0.8 * free:
             rows += bench_full(n, args, out)
         else:
-            rows.append(bench_first_stage(n, args))
+            for ann in args.ann:
+                rows.append(bench_first_stage(n, args, ann))
 
 
 if __name__ == "__main__":

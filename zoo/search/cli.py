@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--side", choices=["images", "captions"], default="images")
     b.add_argument("--out", required=True)
     b.add_argument("--chunk", type=int, default=256, help="images encoded per chunk (the unit of resumption)")
-    b.add_argument("--ann", choices=["flat", "hnsw"], default="flat",
-                   help="first-stage FAISS index: exact inner product (default) or approximate HNSW")
+    b.add_argument("--ann", choices=["flat", "ivf", "hnsw"], default="flat",
+                   help="first-stage FAISS index: exact inner product (default), or approximate IVF-Flat (trained on "
+                   "the gallery) / HNSW (README, Search: from about 100k items)")
     b.add_argument("--parser", default="spacy", help="dependency parser of methods that read graphs (CCCL)")
     b.add_argument("--shard", default="0/1", help="i/n: build only the i-th of n parts of the gallery (query the "
                    "n folders together)")

@@ -43,7 +43,8 @@ from ..engine.progress import track
 
 FORMAT = 1
 SIDES = ("images", "captions")
-ANN = ("flat", "hnsw")
+ANN = ("flat", "ivf", "hnsw")
+IVF_NPROBE = 32  # inverted lists an IVF query visits (of about sqrt(n))
 SCORE_BLOCK = 512  # gallery items per `score` call (stage 2 and the exhaustive reference alike)
 REBUILD = "delete the folder and build it again (`zoo-search build ...`)"
 
@@ -54,6 +55,25 @@ def _faiss():
     except ImportError as e:  # the optional extra
         raise ImportError("zoo.search needs faiss: pip install 'itm-zoo[search]' (faiss-cpu from PyPI)") from e
     return faiss
+
+
+def make_ann(d: int, ann: str, n: int, sample: np.ndarray | None = None, hnsw_m: int = 32):
+    """The first-stage FAISS index over n unit vectors: exact inner product (`flat`), or approximate: `ivf`
+    (IVF-Flat, about sqrt(n) lists, k-means trained on `sample`, a random subset of the gallery's vectors) or
+    `hnsw` (HNSW-Flat, M = hnsw_m links, no training)."""
+    faiss = _faiss()
+    if ann == "flat":
+        return faiss.IndexFlatIP(d)
+    if ann == "hnsw":
+        return faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    if ann != "ivf":
+        raise ValueError(f"ann must be one of {ANN}, got {ann!r}")
+    nlist = max(1, min(int(np.sqrt(n)), (sample.shape[0] if sample is not None else n) // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    index.nprobe = min(IVF_NPROBE, nlist)
+    return index
 
 
 def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
@@ -173,8 +193,12 @@ class IndexWriter:
 
     def finish(self, ann: str = "flat", hnsw_m: int = 32) -> None:
         faiss = _faiss()
-        d = self.glob.shape[1]
-        index = faiss.IndexFlatIP(d) if ann == "flat" else faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        n, d = self.glob.shape
+        sample = None
+        if ann == "ivf":
+            rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, 50_000), replace=False))
+            sample = np.asarray(self.glob[rows], dtype=np.float32)
+        index = make_ann(d, ann, n, sample, hnsw_m)
         for a in range(0, self.glob.shape[0], 65536):
             index.add(np.ascontiguousarray(self.glob[a : a + 65536], dtype=np.float32))
         faiss.write_index(index, str(self.out / "index.faiss"))
@@ -320,6 +344,8 @@ class Index:
         except Exception as e:  # faiss raises RuntimeError with its C++ message
             raise DataError(self.folder / "index.faiss", f"the index is corrupt (FAISS cannot read it: "
                             f"{str(e).splitlines()[0][:200]})", REBUILD) from None
+        if meta.get("ann") == "ivf":
+            faiss.extract_index_ivf(self.faiss).nprobe = min(IVF_NPROBE, faiss.extract_index_ivf(self.faiss).nlist)
         if self.faiss.ntotal != self.n or self.faiss.d != meta["global_dim"]:
             raise DataError(self.folder / "index.faiss", f"the index is corrupt (FAISS holds {self.faiss.ntotal} "
                             f"vectors of {self.faiss.d} dims, meta.json says {self.n} of {meta['global_dim']})", REBUILD)
