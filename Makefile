@@ -7,14 +7,14 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= recipes/casc_base_synth.yaml
 DEMO_CKPT ?= runs/casc_base_synth/checkpoints/best.ckpt
 
-.PHONY: venv demo test clean bench bench-data attention ablate report ensemble
+.PHONY: venv demo test clean bench bench-data bench-search attention ablate report ensemble
 
 # torch goes in first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[text,logging,test]"
+	$(BIN)/python -m pip install -q -e ".[text,logging,search,test]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 # Training-loader images/s per data.train_features store (mmap, memory, memory_fp16, device_fp16) vs mmap.
 bench-data: $(STAMP)
 	$(BIN)/python -m zoo.bench data $(BENCH_ARGS)
+
+# zoo.search at scale on random embeddings with COCO's shapes (README, Search): build time, bytes/item, query p50/p99;
+# e.g. make bench-search BENCH_ARGS="--sizes 10000 100000 1000000 --full-max 100000"
+bench-search: $(STAMP)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m zoo.bench search $(BENCH_ARGS)
 
 # After `make demo`: where each word of a test caption looks (T2I attention over the region boxes).
 attention: $(STAMP)

@@ -7,6 +7,7 @@
 | cccl               | zoo.bench.cccl      | CCCL's blockwise all-pairs scorer, pairs/s                              |
 | data               | zoo.bench.data      | `make bench-data`: training-loader images/s per data.train_features     |
 | memory             | zoo.bench.memory    | peak memory of the shared evaluation flow against the embeddings' size  |
+| search             | zoo.bench.search    | `make bench-search`: zoo.search build, bytes/item, query latency at scale |
 
 Shared machinery (BenchSpec, register_bench, PeakMemory, interleaved timing) is in zoo.bench.common; the methods'
 specs in zoo.bench.specs.
@@ -16,7 +17,8 @@ from .specs import CASCBaseBench, CASCBench, CCCLBench  # registers the zoo's me
 
 # NAME -> module; the first line of each module's docstring is its `--help` summary
 ENTRIES = {"methods": "zoo.bench.methods", "casc": "zoo.bench.casc", "cccl": "zoo.bench.cccl",
-           "data": "zoo.bench.data", "memory": "zoo.bench.memory"}
+           "data": "zoo.bench.data", "memory": "zoo.bench.memory",
+           "search": "zoo.bench.search"}
 
 
 __all__ = ["BENCHES", "BenchSpec", "PeakMemory", "coco_lengths", "random_tokens", "register_bench", "ENTRIES",

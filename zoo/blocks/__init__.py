@@ -18,6 +18,7 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | CASC  | (13) S = beta S_loc + (1-beta) S_G     | semantic.local_similarity, semantic.fuse      |
 | CASC  | (13) S_G, released (a) / printed (b)   | semantic.global_label_similarity_pairs / _labels |
 | CASC  | Table I rows 1 / 3 (no attention, global cosine) | semantic.max_local_similarity / mean_pooled_cosine |
+| zoo   | search first stage: l2 mean of regions / words | semantic.mean_region_vector / mean_word_vector |
 | SCAN  | clipped-l2 normalisation, LSE pooling  | functional.normalize_scores, functional.aggregate |
 | CCCL  | (17) ReLU-l2 normalisation             | functional.normalize_scores(how="relu_l2")   |
 | CCCL  | (33) triplet alignment term            | losses.triplet_ranking_loss                   |
@@ -51,10 +52,12 @@ from .encoders import BatchNormMLP, BiGRUTextEncoder, GRULastStateEncoder, Regio
 from .functional import aggregate, l2_normalize, lengths_to_mask, normalize_scores, safe_sqrt
 from .losses import triplet_ranking_loss
 from .pooling import GPO, positional_encoding_1d, slow_gpo
+from .semantic import mean_region_vector, mean_word_vector
 
 __all__ = [
     "RegionWordScores", "attend", "attention_weights", "cross_attention_similarity", "reference_scoring",
     "i2t_similarity", "region_word_scores", "t2i_similarity",
-    "BatchNormMLP", "BiGRUTextEncoder", "GPO", "GRULastStateEncoder", "positional_encoding_1d", "slow_gpo", "RegionEncoder", "aggregate", "l2_normalize", "lengths_to_mask", "normalize_scores",
-    "safe_sqrt", "triplet_ranking_loss",
+    "BatchNormMLP", "BiGRUTextEncoder", "GPO", "GRULastStateEncoder", "positional_encoding_1d", "slow_gpo",
+    "RegionEncoder", "aggregate", "l2_normalize", "lengths_to_mask", "normalize_scores", "safe_sqrt",
+    "triplet_ranking_loss", "mean_region_vector", "mean_word_vector",
 ]

@@ -157,9 +157,18 @@ def max_local_similarity(sc: RegionWordScores) -> torch.Tensor:
     return cos.max(dim=-1).values.mean(dim=-1)
 
 
+def mean_region_vector(regions: torch.Tensor) -> torch.Tensor:
+    """The l2-normalised mean of an image's regions, [I, R, d] -> [I, d] (row 3's image side; zoo.search's
+    default first-stage vector)."""
+    return l2_normalize(wide(regions).mean(dim=1))
+
+
+def mean_word_vector(words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The l2-normalised mean of a caption's real words, [C, L, d] -> [C, d] (row 3's caption side)."""
+    mask = torch.arange(words.shape[1], device=words.device)[None, :] < lengths[:, None]
+    return l2_normalize(masked_mean(wide(words), mask[..., None], dim=1))
+
+
 def mean_pooled_cosine(regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Row 3 "Global": cosine of the mean of the regions and the mean of the real words. [I, C]."""
-    mask = torch.arange(words.shape[1], device=words.device)[None, :] < lengths[:, None]
-    g_img = l2_normalize(wide(regions).mean(dim=1))
-    g_txt = l2_normalize(masked_mean(wide(words), mask[..., None], dim=1))
-    return g_img @ g_txt.T
+    return mean_region_vector(regions) @ mean_word_vector(words, lengths).T

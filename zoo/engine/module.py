@@ -3,7 +3,8 @@
 A method implements three things:
 - encode_images(batch) -> dict of tensors, one row per image in the batch;
 - encode_captions(batch) -> dict of tensors, one row per caption (with "lengths" for word sequences);
-- score(img, cap) -> [I, C] similarities of every image in `img` with every caption in `cap`.
+- score(img, cap) -> [I, C] similarities of every image in `img` with every caption in `cap`;
+and may override global_embedding(emb, side) (one vector per item for zoo.search's first stage).
 Pair-dependent scorers (cross attention, CCCL's GRU branch) work the same way: evaluation encodes every
 image and caption once, then calls `score` block by block over the whole [I, C] grid.
 Methods with extra losses override `training_losses`.
@@ -17,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.errors import DataError
 
-from ..blocks import triplet_ranking_loss
+from ..blocks import mean_region_vector, mean_word_vector, triplet_ranking_loss
 from .evaluation import Emb, cat_embeddings, gather_and_order, gather_padded, score_blockwise
 from .metrics import RetrievalMetrics
 from .progress import lightning_progress
@@ -80,6 +81,17 @@ class RetrievalModule(L.LightningModule):
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
         raise NotImplementedError
+
+    def global_embedding(self, emb: Emb, side: str) -> torch.Tensor:
+        """One unit vector per item, [N, d] float32, for a search's first stage (zoo.search: an inner-product index
+        picks the candidates that `score` re-ranks). side "images": the l2-normalised mean of the regions;
+        "captions": that of the real words (CASC Table I row 3's vectors, semantic.mean_region_vector /
+        mean_word_vector). A method whose score is global returns its own embedding; any method may override."""
+        if side == "images":
+            return mean_region_vector(emb["regions"])
+        if side != "captions":
+            raise ValueError(f"side must be 'images' or 'captions', got {side!r}")
+        return mean_word_vector(emb["words"], emb["lengths"] if "lengths" in emb else emb["n_words"])
 
     def configure_from_data(self, datamodule) -> None:
         """Called once before training/evaluation with the datamodule (e.g. to size a vocabulary)."""
