@@ -3,8 +3,8 @@ from .casc import CASC
 from .casc_base import CASCBase
 from .cccl import CCCL
 from .official import check_opt, load_official, map_state, read_official, register_official
-from .vse_infinity import VSEInfinity
+from .vse_infinity import VSEInfinity, VSEInfinityBert
 from .vsepp import VSEPP
 
-__all__ = ["CASC", "CASCBase", "CCCL", "VSEInfinity", "VSEPP", "check_opt", "load_official", "map_state", "read_official",
+__all__ = ["CASC", "CASCBase", "CCCL", "VSEInfinity", "VSEInfinityBert", "VSEPP", "check_opt", "load_official", "map_state", "read_official",
            "register_official"]
