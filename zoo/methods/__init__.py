@@ -3,8 +3,9 @@ from .casc import CASC
 from .casc_base import CASCBase
 from .cccl import CCCL
 from .official import check_opt, load_official, map_state, read_official, register_official
+from .scan import scan_model
 from .sgraf import SGRAF
 from .vsepp import VSEPP
 
 __all__ = ["CASC", "CASCBase", "CCCL", "SGRAF", "VSEPP", "check_opt", "load_official", "map_state", "read_official",
-           "register_official"]
+           "register_official", "scan_model"]
