@@ -115,3 +115,37 @@ def test_a_missing_key_is_an_error(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(DataError, match="bias_hh_l0_reverse"):
         load_official("scan_t2i", path)
+
+
+RECIPES = __import__("pathlib").Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("scan_*.yaml")) +
+                         sorted(p.stem for p in RECIPES.glob("sgraf_*.yaml")))
+def test_recipes_build_their_model_with_the_official_settings(name):
+    import importlib
+
+    import yaml
+    cfg = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    mod, cls = cfg["model"]["class_path"].rsplit(".", 1)
+    m = getattr(importlib.import_module(mod), cls)(**cfg["model"]["init_args"])
+    hp = m.hparams
+    parts = name.split("_")
+    if parts[0] == "scan":
+        direction, agg, data = parts[1:]
+        assert hp.direction == direction and hp.aggregation == ("lse" if agg == "lse" else "mean")
+        p = PRESETS[(direction, agg, "f30k" if data == "synth" else data)]
+        assert hp[f"lambda_{direction}"] == p["lambda_softmax"]
+        if agg == "lse":
+            assert hp.lse_temperature == p["lambda_lse"]
+    else:
+        assert hp.module == parts[1].upper() and hp.sgr_steps == 3 and hp.dropout == 0.4
+    if parts[-1] != "synth":
+        from zoo.methods.scan import SCHEDULES
+        epochs = {"sgraf_saf_f30k": (30, 20), "sgraf_sgr_f30k": (40, 30)}.get(name, (20, 10) if "coco" in name else None)
+        if parts[0] == "scan":
+            s = SCHEDULES[parts[-1]]
+            epochs = (s["num_epochs"], s["lr_update"])
+            assert m.lr == s["learning_rate"]
+        assert (cfg["trainer"]["max_epochs"], m.lr_decay_epochs) == epochs
+        assert cfg["trainer"]["gradient_clip_val"] == 2.0 and m.margin == 0.2 and m.hardest_negative
