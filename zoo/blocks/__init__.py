@@ -24,6 +24,10 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | VSE++ | image FC + l2 (one vector per image)   | encoders.RegionEncoder                        |
 | VSE++ | GRU, state at the last word, l2        | encoders.GRULastStateEncoder                  |
 | VSE++ | hinge triplet, max_violation / sum     | losses.triplet_ranking_loss                   |
+| VSE∞  | (2)-(5) GPO pooling (sorted, theta)    | pooling.GPO (+ slow_gpo reference)            |
+| VSE∞  | position encodings of GPO's BiGRU      | pooling.positional_encoding_1d                |
+| VSE∞  | region FC + 2-layer BN-MLP residual    | encoders.RegionEncoder + encoders.BatchNormMLP |
+| VSE∞  | BiGRU words (directions averaged)      | encoders.BiGRUTextEncoder(normalize=False)    |
 | CCCL  | (1)-(7) context-perceived cell (CPC)   | cpc.ContextPerceivedCell                      |
 | CCCL  | (8)-(10) visual embedding              | cpc.VisualContextEmbedding                    |
 | CCCL  | (9) absolute position features         | cpc.box_position_tuple, cpc.BoxPositionEmbedding |
@@ -43,13 +47,14 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 """
 from .attention import (RegionWordScores, attend, attention_weights, cross_attention_similarity, i2t_similarity,
                         reference_scoring, region_word_scores, t2i_similarity)
-from .encoders import BiGRUTextEncoder, GRULastStateEncoder, RegionEncoder
+from .encoders import BatchNormMLP, BiGRUTextEncoder, GRULastStateEncoder, RegionEncoder
 from .functional import aggregate, l2_normalize, lengths_to_mask, normalize_scores, safe_sqrt
 from .losses import triplet_ranking_loss
+from .pooling import GPO, positional_encoding_1d, slow_gpo
 
 __all__ = [
     "RegionWordScores", "attend", "attention_weights", "cross_attention_similarity", "reference_scoring",
     "i2t_similarity", "region_word_scores", "t2i_similarity",
-    "BiGRUTextEncoder", "GRULastStateEncoder", "RegionEncoder", "aggregate", "l2_normalize", "lengths_to_mask", "normalize_scores",
+    "BatchNormMLP", "BiGRUTextEncoder", "GPO", "GRULastStateEncoder", "positional_encoding_1d", "slow_gpo", "RegionEncoder", "aggregate", "l2_normalize", "lengths_to_mask", "normalize_scores",
     "safe_sqrt", "triplet_ranking_loss",
 ]

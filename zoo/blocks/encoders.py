@@ -79,6 +79,29 @@ class BiGRUTextEncoder(nn.Module):
         return data[index.reshape(-1)].view(tokens.shape[0], tokens.shape[1], -1)
 
 
+class BatchNormMLP(nn.Module):
+    """VSE-infinity's region MLP (official lib/modules/mlp.py:28-45, class MLP): Linear -> BatchNorm1d -> ReLU for
+    every layer but the last, which is a plain Linear; applied row-wise to [B, N, D] (BatchNorm statistics over
+    all B*N rows, zero-padded rows included, as in the official code). The official module also builds a
+    BatchNorm for the last layer that its forward never uses; the zoo leaves it out (the importer drops those
+    keys by name).
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int = 2):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [output_dim]))
+        self.bns = nn.ModuleList(nn.BatchNorm1d(hidden_dim) for _ in range(num_layers - 1))
+        self.output_dim = output_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        for layer, bn in zip(self.layers[:-1], self.bns):
+            x = torch.relu(bn(layer(x)))
+        return self.layers[-1](x).view(*shape[:-1], self.output_dim)
+
+
 class GRULastStateEncoder(nn.Module):
     """VSE++'s text side (Faghri et al. 2018, Sec. 3; official vsepp model.py:187-231, EncoderText): word
     embeddings -> one-direction GRU, the state at the last real word (position length-1), l2-normalised.

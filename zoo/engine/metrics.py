@@ -59,7 +59,11 @@ def summarize_ranks(r_i2t: torch.Tensor, r_t2i: torch.Tensor) -> dict[str, float
         r = r.double()
         for k in KS:
             out[f"{name}_r{k}"] = 100.0 * (r < k).double().mean().item()
-        out[f"{name}_medr"] = float(torch.floor(r.median()).item() + 1)
+        # numpy's median (the official evaluation: floor(np.median(ranks)) + 1): the mean of the two middle
+        # ranks for an even count (torch.median would take the lower one)
+        srt = r.sort().values
+        med = (srt[(srt.numel() - 1) // 2] + srt[srt.numel() // 2]) / 2
+        out[f"{name}_medr"] = float(torch.floor(med).item() + 1)
         out[f"{name}_meanr"] = r.mean().item() + 1
     recalls = [out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in KS]
     out["rsum"] = sum(recalls)
