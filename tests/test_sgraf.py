@@ -196,3 +196,67 @@ def test_importer_refuses_the_other_module_and_unknown_settings(tmp_path):
     ckpt["model"][2]["sim_eval_w.extra"] = torch.zeros(1)
     with pytest.raises(DataError, match="sim_eval_w.extra"):
         OFFICIAL["sgraf_saf"](ckpt, None)
+
+
+def write_golden_precomp(g: dict, root, split: str = "test") -> tuple:
+    """The golden inputs as a precomputed folder: {split}_ims.npy [6, 36, 64], {split}_caps.txt (caption j of image
+    j // 5), and a SCAN-format vocabulary whose ids are the golden token ids (3 = <unk>: written as an unknown word)."""
+    from datamodules.text import Vocabulary
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / f"{split}_ims.npy", g["regions"])
+    words = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(4, 50)]
+    lines = []
+    for tok, n in zip(g["tokens"], g["lengths"]):
+        assert tok[0] == 1 and tok[n - 1] == 2
+        lines.append(" ".join("oov" if i == 3 else words[i] for i in tok[1 : n - 1]))
+    (root / f"{split}_caps.txt").write_text("\n".join(lines) + "\n")
+    vocab = root.parent / "golden_vocab.json"
+    Vocabulary.from_words(words).save(vocab)
+    return root, vocab
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_import_command_then_lightning_test_gives_the_official_recalls(tmp_path, golden, kind):
+    """zoo-import-checkpoint on the golden checkpoint, then `lightning test` of the recipe on the golden inputs."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from datamodules.text import Vocabulary, tokenize
+    root, vocab = write_golden_precomp(golden, tmp_path / "golden_precomp")
+    v = Vocabulary.load(vocab)  # the folder's captions encode to the golden ids exactly
+    caps = (root / "test_caps.txt").read_text().splitlines()
+    for j, c in enumerate(caps):
+        n = int(golden["lengths"][j])
+        assert v.encode(tokenize(c)) == golden["tokens"][j, :n].tolist()
+    out = tmp_path / "imported.ckpt"
+    bin_dir = Path(sys.executable).parent
+    script = bin_dir / "zoo-import-checkpoint"  # the console script (pyproject); the same main() via -m otherwise
+    command = [str(script)] if script.exists() else [
+        sys.executable, "-c", "import sys; from zoo.methods.official import main; main(sys.argv[1:])"]
+    imp = subprocess.run([*command, f"sgraf_{kind}",
+                          str(golden_path(f"sgraf_{kind}_tiny.pth.tar")), "--out", str(out), "--vocab", str(vocab)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert imp.returncode == 0, imp.stderr[-3000:]
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / f"sgraf_{kind}_f30k.yaml"
+    args = ["test", "--config", str(recipe), "--ckpt_path", str(out), "--data.init_args.root", str(root),
+            "--data.init_args.vocab_path", str(vocab), "--data.init_args.feature_dim", "64",
+            "--data.init_args.num_workers", "0", "--data.init_args.eval_batch_size", "8",
+            "--model.init_args.feature_dim", "64", "--model.init_args.embed_dim", "64",
+            "--model.init_args.word_dim", "32", "--model.init_args.sim_dim", "16",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs")]
+    test = subprocess.run([str(bin_dir / "lightning"), *args], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    rows = list(csv.DictReader(next((tmp_path / "logs").rglob("metrics.csv")).open()))
+    got = {k: float(v) for r in rows for k, v in r.items() if v not in ("", None) and k.startswith("test/")}
+    p = kind + "_"
+    for d in ("i2t", "t2i"):
+        want = golden[f"{p}{d}_r1_r5_r10_medr_meanr"]
+        for k, w in zip(("r1", "r5", "r10", "medr", "meanr"), want):
+            assert got[f"test/{d}_{k}"] == pytest.approx(float(w), abs=1e-4), (d, k)
+    assert got["test/rsum"] == pytest.approx(float(golden[p + "rsum"]), abs=1e-4)
