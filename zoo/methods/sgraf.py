@@ -17,6 +17,7 @@ from torch import nn
 from datamodules.errors import DataError
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, lengths_to_mask
+from ..blocks.functional import use_reference
 from ..blocks.sgraf import AttentionFiltration, GraphReasoning, SelfAttentionPool, sgraf_attended_regions
 from ..blocks.vsf import VectorSimilarity
 from ..engine.module import Emb, RetrievalModule
@@ -115,12 +116,24 @@ class SGRAF(RetrievalModule):
         return sim_emb[:, :, 0]
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        if use_reference():
+            return self.reference_score(img, cap)
         n_img, (n_cap, n_words, d) = img["regions"].shape[0], cap["words"].shape
         step = max(1, int(self.hparams.pair_budget // max(1, n_img * n_words * d)))
         out = []
         for s in range(0, n_cap, step):
             part = {k: v[s:s + step] for k, v in cap.items()}
             sim_emb, node_mask = self.alignments(img, part)
+            out.append(torch.sigmoid(self.eval_head(self.reduce(sim_emb, node_mask)).squeeze(-1)))
+        return torch.cat(out, 1)
+
+    def reference_score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        """The official loop (model.py:335-369): one caption at a time, cut to its real words (no padding)."""
+        out = []
+        for c in range(cap["words"].shape[0]):
+            n = int(cap["lengths"][c])
+            one = {"words": cap["words"][c:c + 1, :n], "lengths": cap["lengths"][c:c + 1], "glo": cap["glo"][c:c + 1]}
+            sim_emb, node_mask = self.alignments(img, one)
             out.append(torch.sigmoid(self.eval_head(self.reduce(sim_emb, node_mask)).squeeze(-1)))
         return torch.cat(out, 1)
 
