@@ -38,13 +38,14 @@ class SGRAF(RetrievalModule):
         image_norm / text_norm: l2 on regions / words (official `not no_imgnorm` / `not no_txtnorm`).
         smooth: the softmax temperature of the SCAN attention (9, fixed in the official code, model.py:346).
         dropout: word-embedding dropout and VisualSA/TextSA dropout (0.4 in the official code).
-        pair_budget: scoring splits the captions so that a block's attended vectors hold at most this many numbers.
+        pair_budget: scoring splits the captions so that a block's attended vectors hold at most this many numbers
+            (None: 2^20 on the CPU, where blocks that stay in cache are fastest, 2^25 on a GPU).
     """
 
     def __init__(self, vocab_size: int | None = None, feature_dim: int = 2048, embed_dim: int = 1024,
                  word_dim: int = 300, sim_dim: int = 256, num_layers: int = 1, module: str = "SGR",
                  sgr_steps: int = 3, num_regions: int = 36, image_norm: bool = True, text_norm: bool = True,
-                 smooth: float = 9.0, dropout: float = 0.4, pair_budget: int = 2 ** 25, **loop_kwargs):
+                 smooth: float = 9.0, dropout: float = 0.4, pair_budget: int | None = None, **loop_kwargs):
         super().__init__(**loop_kwargs)
         if module not in MODULES:
             raise ValueError(f"module must be one of {MODULES}, got {module!r}")
@@ -118,11 +119,25 @@ class SGRAF(RetrievalModule):
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
         if use_reference():
             return self.reference_score(img, cap)
-        n_img, (n_cap, n_words, d) = img["regions"].shape[0], cap["words"].shape
-        step = max(1, int(self.hparams.pair_budget // max(1, n_img * n_words * d)))
+        if self.training:  # caption order kept: SAF's running statistics take one step per caption, in order
+            return self._score_chunks(img, cap, torch.arange(cap["words"].shape[0]), cap["words"].shape[1])
+        # evaluation: captions bucketed by exact length (no padded word is computed), chunked by the pair budget
+        lengths = cap["lengths"].to(cap["words"].device)
+        out = torch.empty(img["regions"].shape[0], lengths.shape[0], dtype=img["regions"].dtype,
+                          device=img["regions"].device)
+        for n in torch.unique(lengths).tolist():
+            idx = torch.nonzero(lengths == n).squeeze(1)
+            out[:, idx] = self._score_chunks(img, cap, idx, int(n))
+        return out
+
+    def _score_chunks(self, img: Emb, cap: Emb, idx: torch.Tensor, n_words: int) -> torch.Tensor:
+        n_img, d = img["regions"].shape[0], cap["words"].shape[2]
+        budget = self.hparams.pair_budget or (2 ** 25 if img["regions"].is_cuda else 2 ** 20)
+        step = max(1, int(budget // max(1, n_img * n_words * d)))
         out = []
-        for s in range(0, n_cap, step):
-            part = {k: v[s:s + step] for k, v in cap.items()}
+        for s in range(0, idx.shape[0], step):
+            sel = idx[s:s + step]
+            part = {"words": cap["words"][sel, :n_words], "lengths": cap["lengths"][sel], "glo": cap["glo"][sel]}
             sim_emb, node_mask = self.alignments(img, part)
             out.append(torch.sigmoid(self.eval_head(self.reduce(sim_emb, node_mask)).squeeze(-1)))
         return torch.cat(out, 1)
