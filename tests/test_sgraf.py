@@ -262,3 +262,31 @@ def test_import_command_then_lightning_test_gives_the_official_recalls(tmp_path,
         for k, w in zip(("r1", "r5", "r10", "medr", "meanr"), want):
             assert got[f"test/{d}_{k}"] == pytest.approx(float(w), abs=1e-4), (d, k)
     assert got["test/rsum"] == pytest.approx(float(golden[p + "rsum"]), abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["sgraf_sgr_synth"])  # SCAN is CASC-base: tests/test_cli.py
+def test_synth_recipe_trains_and_tests(tmp_path, recipe):
+    """`lightning fit` then `lightning test` from the SynthScenes recipe (shrunk: 40 images, d = 16, one epoch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shrink = ["--data.init_args.root", "ss", "--data.init_args.n_train", "40", "--data.init_args.n_dev", "10",
+              "--data.init_args.n_test", "10", "--data.init_args.feature_dim", "32", "--data.init_args.num_workers",
+              "0", "--data.init_args.vocab_min_count", "1", "--data.init_args.batch_size", "16",
+              "--model.init_args.feature_dim", "32", "--model.init_args.embed_dim", "16",
+              "--model.init_args.word_dim", "8", "--trainer.max_epochs", "1"]
+    if recipe.startswith("sgraf"):
+        shrink += ["--model.init_args.sim_dim", "8"]
+    lightning = Path(sys.executable).parent / "lightning"
+    cfg = str(root / "recipes" / f"{recipe}.yaml")
+    fit = subprocess.run([str(lightning), "fit", "--config", cfg, *shrink], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = tmp_path / "runs" / recipe / "checkpoints" / "best.ckpt"
+    test = subprocess.run([str(lightning), "test", "--config", cfg, "--ckpt_path", str(ckpt), *shrink],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "| all images |" in test.stdout
