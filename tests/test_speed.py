@@ -237,7 +237,7 @@ def test_bench_runs_and_prints_ratios(capsys):
     out = capsys.readouterr().out
     table = out[out.rindex("method "):]  # the summary table
     names = [spec.name for spec in bench.BENCHES.values()]
-    assert {"casc_base", "casc", "cccl", "sgraf"} <= set(names)
+    assert {"casc_base", "casc", "cccl", "vse_infinity", "vsepp", "sgraf"} <= set(names)
     for method in names:  # every registered method, fast and reference, eval and train
         for what in ("eval  fast", "eval  reference", "train fast", "train reference"):
             assert any(line.startswith(f"{method} ") and what in line for line in table.splitlines()), (method, what)

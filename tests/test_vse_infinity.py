@@ -186,3 +186,15 @@ def test_training_step_runs_with_augmentation(model, golden):
     assert torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_reference_scoring_runs_the_slow_gpo(model, golden):
+    from zoo.blocks import reference_scoring
+
+    batch = {"images": _t(golden["regions"]), "tokens": _t(golden["tokens"]), "lengths": _t(golden["lengths"])}
+    with torch.no_grad():
+        fast = model.score(model.encode_images(batch), model.encode_captions(batch))
+        with reference_scoring():
+            ref = model.score(model.encode_images(batch), model.encode_captions(batch))
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+    _close(ref, golden["sims"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import CASC, CCCL, SGRAF, CASCBase
+from ..methods import CASC, CCCL, SGRAF, VSEPP, CASCBase, VSEInfinity
 from .common import BenchSpec, coco_lengths, random_tokens, register_bench
 
 
@@ -129,3 +129,38 @@ class SGRAFBench(CASCBaseBench):
             img["glo"] = model.v_global(img["regions"].to(dev)).cpu()
             cap["glo"] = model.t_global(cap["words"].to(dev), mask.to(dev)).cpu()
         return img, cap
+
+
+@register_bench(VSEInfinity)
+class VSEInfinityBench(BenchSpec):
+    """VSE-infinity (BiGRU): a dot product of pooled vectors in evaluation, so the training step is what differs:
+    the reference runs GPO one set at a time (zoo.blocks.slow_gpo) and the packed nn.GRU text encoder."""
+
+    name = "vse_infinity"
+    regions = 36
+    feature_dim = 2048
+
+    def make_model(self, dim: int, vocab: int) -> torch.nn.Module:
+        return VSEInfinity(vocab_size=vocab, feature_dim=self.feature_dim, embed_dim=dim, fold_size=None)
+
+    def eval_inputs(self, model, n_images, dim, g):
+        unit = torch.nn.functional.normalize
+        return ({"vector": unit(torch.randn(n_images, dim, generator=g), dim=-1)},
+                {"vector": unit(torch.randn(5 * n_images, dim, generator=g), dim=-1)})
+
+    def train_batch(self, model, batch, vocab, g):
+        lengths = coco_lengths(batch, g)
+        return {"images": torch.randn(batch, self.regions, self.feature_dim, generator=g),
+                "tokens": random_tokens(lengths, vocab, g), "lengths": lengths, "image_ids": torch.arange(batch)}
+
+
+@register_bench(VSEPP)
+class VSEPPBench(VSEInfinityBench):
+    """VSE++ (one vector per image, GRU last state): no separate reference path, so the ratio is ~1 by design."""
+
+    name = "vsepp"
+    regions = 1
+    feature_dim = 4096
+
+    def make_model(self, dim: int, vocab: int) -> torch.nn.Module:
+        return VSEPP(vocab_size=vocab, feature_dim=self.feature_dim, embed_dim=dim, fold_size=None)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .functional import lengths_to_mask
+from .functional import lengths_to_mask, use_reference
 
 
 def positional_encoding_1d(d_model: int, length: int) -> torch.Tensor:
@@ -64,6 +64,10 @@ class GPO(nn.Module):
         return torch.softmax(scores / self.temperature, dim=1), mask
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_reference():  # zoo.blocks.reference_scoring(): the one-set-at-a-time reference (same numbers)
+            pooled, ws = slow_gpo(self, features, lengths)
+            n = int(lengths.max())
+            return pooled, torch.stack([torch.cat([w, w.new_zeros(n - w.shape[0])]) for w in ws])[..., None]
         weights, mask = self.pool_weights(lengths)
         features = features[:, : weights.shape[1]]
         # each channel sorted over the set, padding pushed to the end and zeroed (official gpo.py:67-69)

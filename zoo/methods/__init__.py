@@ -5,8 +5,8 @@ from .cccl import CCCL
 from .official import check_opt, load_official, map_state, read_official, register_official
 from .scan import scan_model
 from .sgraf import SGRAF
-from .vse_infinity import VSEInfinity
+from .vse_infinity import VSEInfinity, VSEInfinityBert
 from .vsepp import VSEPP
 
-__all__ = ["CASC", "CASCBase", "CCCL", "SGRAF", "VSEInfinity", "VSEPP", "check_opt", "load_official", "map_state",
-           "read_official", "register_official", "scan_model"]
+__all__ = ["CASC", "CASCBase", "CCCL", "SGRAF", "VSEInfinity", "VSEInfinityBert", "VSEPP", "check_opt", "load_official",
+           "map_state", "read_official", "register_official", "scan_model"]

@@ -256,6 +256,7 @@ def lightning_checkpoint(module, out: str | Path) -> Path:
     cls = type(module)
     hp = dict(module.hparams)
     hp["_class_path"] = f"{cls.__module__}.{cls.__name__}"
+    hp["_instantiator"] = "lightning.pytorch.cli.instantiate_module"  # as LightningCLI writes it (load_from_checkpoint)
     ckpt = {"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
             "hyper_parameters": hp, "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0,
             "zoo_data": {"caps_per_image": module.caps_per_image, "vocab": module.vocab_words,
@@ -289,5 +290,7 @@ def main(argv: list[str] | None = None) -> None:
           + ("" if args.vocab else "  (no --vocab: the data's vocabulary must be the one it was trained with)"))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m zoo.methods.official`: the package's registry, not this copy's
+    from zoo.methods.official import main as _main
+
+    _main()

@@ -197,3 +197,116 @@ def import_vse_infinity(ckpt: dict, vocab=None) -> VSEInfinity:
     mapping = {f"img.{a}": b for a, b in _IMG_MAP.items()} | {f"txt.{a}": b for a, b in _TXT_MAP.items()}
     map_state(merged, mapping, m, src)
     return m
+
+
+class VSEInfinityBert(VSEInfinity):
+    """VSE-infinity with the BERT text encoder (official `master` branch @ 29df9d6, lib/encoders.py:165-191):
+    BERT over the caption's sub-words ([CLS] ... [SEP], attention mask = ids != 0), Linear(hidden -> d), GPO over
+    all sub-word positions (lengths = sub-word count), l2. AdamW over three groups as vse.py:48-63: BERT at 0.1 x
+    lr, weight decay 1e-4 for all.
+
+    Args:
+        bert: a transformers model name or folder (e.g. bert-base-uncased); or
+        bert_config: a BertConfig as a dict (what the importer stores, so an imported checkpoint needs no download).
+        bert_lr_factor: BERT's learning-rate factor (0.1 official).
+    Batches: `subword_ids` / `subword_mask` from the datamodule (data.subword_tokenizer), or `tokens` / `lengths`
+    holding the official BERT ids directly (the load_official contract). Not implemented: the official word-level
+    masking of sub-words during training (caption_augment must be 0); region drop is as in VSEInfinity.
+    """
+
+    uses_vocabulary = False
+
+    def __init__(self, bert: str | None = "bert-base-uncased", bert_config: dict | None = None,
+                 bert_lr_factor: float = 0.1, feature_dim: int = 2048, embed_dim: int = 1024, gpo_dim: int = 32,
+                 image_norm: bool = True, text_norm: bool = True, region_keep: float = 0.8,
+                 weight_decay: float = 1e-4, **loop_kwargs):
+        for fixed in ("vocab_size", "word_dim", "num_layers", "optimizer", "caption_augment"):
+            loop_kwargs.pop(fixed, None)  # VSEInfinity's BiGRU-side settings (saved with the hparams): fixed here
+        super().__init__(vocab_size=None, feature_dim=feature_dim, embed_dim=embed_dim, gpo_dim=gpo_dim,
+                         image_norm=image_norm, text_norm=text_norm, region_keep=region_keep, caption_augment=0.0,
+                         optimizer="adamw", weight_decay=weight_decay, **loop_kwargs)
+        self.save_hyperparameters()
+        from transformers import AutoModel, BertConfig, BertModel
+
+        if bert_config is not None:
+            self.bert = BertModel(BertConfig(**bert_config), add_pooling_layer=True)
+        else:
+            try:
+                self.bert = AutoModel.from_pretrained(bert)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"cannot load the BERT model {bert!r} ({type(e).__name__}: {e}); give a local "
+                                 "folder with a transformers model, or import an official checkpoint") from None
+        self.text_linear = torch.nn.Linear(self.bert.config.hidden_size, embed_dim)
+
+    @property
+    def required_inputs(self):
+        return ("subwords",)
+
+    def configure_from_data(self, datamodule) -> None:
+        pass  # the text side reads sub-word ids, not the zoo's vocabulary
+
+    def encode_captions(self, batch: dict) -> Emb:
+        if "subword_ids" in batch:
+            ids, mask = batch["subword_ids"], batch["subword_mask"].bool()
+            lengths = mask.sum(1)
+        else:
+            ids, lengths = batch["tokens"], batch["lengths"]
+            mask = ids != 0  # official: bert_attention_mask = (x != 0)
+        hidden = self.bert(input_ids=ids, attention_mask=mask.float())[0]
+        pooled, _ = self.text_pool(self.text_linear(hidden), lengths)
+        return {"vector": l2_normalize(pooled) if self.hparams.text_norm else pooled}
+
+    def configure_optimizers(self):
+        bert = list(self.bert.parameters())
+        ids = {id(p) for p in bert}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        opt = torch.optim.AdamW([{"params": rest, "lr": self.lr},
+                                 {"params": bert, "lr": self.lr * self.hparams.bert_lr_factor}],
+                                lr=self.lr, weight_decay=self.hparams.weight_decay)
+        if not self.lr_decay_epochs:
+            return opt
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[self.lr_decay_epochs], gamma=self.lr_decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def _bert_config(sd: dict) -> dict:
+    """The BertConfig of an official BERT state dict, from its shapes (heads: hidden / 64, as every BERT release)."""
+    layers = {int(k.split(".")[3]) for k in sd if k.startswith("bert.encoder.layer.")}
+    hidden = sd["bert.embeddings.word_embeddings.weight"].shape[1]
+    return {"vocab_size": int(sd["bert.embeddings.word_embeddings.weight"].shape[0]), "hidden_size": int(hidden),
+            "num_hidden_layers": len(layers), "num_attention_heads": max(1, int(hidden) // 64),
+            "intermediate_size": int(sd["bert.encoder.layer.0.intermediate.dense.weight"].shape[0]),
+            "max_position_embeddings": int(sd["bert.embeddings.position_embeddings.weight"].shape[0]),
+            "type_vocab_size": int(sd["bert.embeddings.token_type_embeddings.weight"].shape[0])}
+
+
+@register_official("vse_infinity_bert")
+def import_vse_infinity_bert(ckpt: dict, vocab=None) -> VSEInfinityBert:
+    src = ckpt.get("_path")
+    spec = {k: v for k, v in _VSEINF_OPT.items() if k != "drop"}
+    opt = check_opt(ckpt["opt"], spec, src)
+    if len(ckpt["model"]) != 2:
+        raise DataError(src, f"'model' holds {len(ckpt['model'])} state dicts, VSE-infinity saves 2 (img_enc, txt_enc)",
+                        "pass a VSE-infinity checkpoint (master branch)")
+    img_sd, txt_sd = (strip_module_prefix(sd) for sd in ckpt["model"])
+    if "bert.embeddings.word_embeddings.weight" not in txt_sd:
+        raise DataError(src, "the text encoder is not BERT (no bert.* keys)", "import a BiGRU model as vse_infinity")
+    buffers = [k for k in txt_sd if k.endswith("position_ids")]  # a buffer some transformers versions save
+    m = VSEInfinityBert(bert=None, bert_config=_bert_config(txt_sd), feature_dim=int(opt["img_dim"]),
+                        embed_dim=int(opt["embed_size"]), gpo_dim=int(img_sd["gpool.linear.weight"].shape[1]),
+                        image_norm=not opt["no_imgnorm"], text_norm=not opt["no_txtnorm"], margin=float(opt["margin"]),
+                        sum_negatives_epochs=int(opt.get("vse_mean_warmup_epochs", 1)),
+                        lr=float(opt.get("learning_rate", 5e-4)), lr_decay_epochs=int(opt.get("lr_update", 15)))
+    merged = {f"img.{k}": v for k, v in img_sd.items()} | {f"txt.{k}": v for k, v in txt_sd.items()}
+    mapping = {f"img.{a}": b for a, b in _IMG_MAP.items()} | {"txt.bert.": "bert.", "txt.linear.": "text_linear.",
+                                                            "txt.gpool.": "text_pool."}
+    mapping |= {f"txt.{k}": None for k in buffers}  # fixed arange buffers, rebuilt by transformers
+    own = set(m.state_dict())
+    missing_ok = {k for k in own if k.endswith("position_ids") or k.endswith("token_type_ids")}
+    if missing_ok:  # registered buffers of this transformers version that the official file may lack
+        for k in missing_ok:
+            if f"txt.{k}" not in merged:
+                merged[f"txt.{k}"] = m.state_dict()[k]
+        mapping |= {f"txt.{k}": k for k in missing_ok}
+    map_state(merged, mapping, m, src)
+    return m
