@@ -290,3 +290,37 @@ def test_synth_recipe_trains_and_tests(tmp_path, recipe):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert test.returncode == 0, test.stderr[-3000:]
     assert "| all images |" in test.stdout
+
+
+@pytest.mark.parametrize("module", ["SAF", "SGR"])
+def test_fit_checkpoint_roundtrip_and_finite_with_padding(tmp_path, module, one_thread):
+    """The shared loop: a tiny fit, the checkpoint rebuilds the model; padded captions and a zero image stay finite."""
+    import lightning as L
+
+    from conftest import write_split
+    from datamodules import PrecompDataModule
+    root = tmp_path / "d"
+    write_split(root, "train", n_images=10)
+    write_split(root, "dev", n_images=6, seed=1)
+    dm = PrecompDataModule(str(root), num_regions=4, feature_dim=8, num_workers=0, batch_size=8, eval_batch_size=3,
+                           vocab_min_count=1, val_max_images=None)
+    dm.prepare_data()
+    torch.manual_seed(0)
+    model = SGRAF(feature_dim=8, embed_dim=16, word_dim=8, sim_dim=8, num_regions=4, module=module, fold_size=None)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                        gradient_clip_val=2.0)
+    trainer.fit(model, dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert 0 < model.last_metrics["all"]["rsum"] <= 600
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = SGRAF.load_from_checkpoint(tmp_path / "m.ckpt")
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    loaded.train()
+    batch = {"images": torch.zeros(3, 4, 8), "tokens": torch.tensor([[1, 4, 2, 0, 0], [1, 5, 6, 7, 2], [1, 2, 0, 0, 0]]),
+             "lengths": torch.tensor([3, 5, 2]), "image_ids": torch.arange(3)}
+    loss = loaded.training_losses(batch, loaded.encode_images(batch), loaded.encode_captions(batch))["triplet"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in loaded.parameters() if p.grad is not None)
