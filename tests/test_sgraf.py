@@ -246,8 +246,6 @@ def test_import_command_then_lightning_test_gives_the_official_recalls(tmp_path,
     args = ["test", "--config", str(recipe), "--ckpt_path", str(out), "--data.init_args.root", str(root),
             "--data.init_args.vocab_path", str(vocab), "--data.init_args.feature_dim", "64",
             "--data.init_args.num_workers", "0", "--data.init_args.eval_batch_size", "8",
-            "--model.init_args.feature_dim", "64", "--model.init_args.embed_dim", "64",
-            "--model.init_args.word_dim", "32", "--model.init_args.sim_dim", "16",
             "--trainer.accelerator", "cpu", "--trainer.devices", "1",
             "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir",
             str(tmp_path / "logs")]
