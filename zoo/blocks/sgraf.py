@@ -88,7 +88,21 @@ class AttentionFiltration(nn.Module):
         nn.init.xavier_uniform_(self.attn.weight)
         nn.init.zeros_(self.attn.bias)
 
-    def _batch_norm(self, x: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
+    def _momentum(self) -> float:
+        return self.bn.momentum if self.bn.momentum is not None else 0.1
+
+    def start_batch(self, n_captions: int) -> None:
+        """Captions scored out of order (in chunks, `positions` given): decay the running statistics once for the
+        whole batch of n_captions; each chunk then adds its captions' terms with their weights in caption order."""
+        if self.training and self.bn.track_running_stats:
+            with torch.no_grad():
+                keep = (1 - self._momentum()) ** n_captions
+                self.bn.running_mean.mul_(keep)
+                self.bn.running_var.mul_(keep)
+                self.bn.num_batches_tracked.add_(n_captions)
+
+    def _batch_norm(self, x: torch.Tensor, node_mask: torch.Tensor, positions: torch.Tensor | None = None,
+                    n_captions: int | None = None) -> torch.Tensor:
         bn = self.bn
         if not (self.training or not bn.track_running_stats):
             return (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
@@ -99,17 +113,23 @@ class AttentionFiltration(nn.Module):
         y = (x - mean[None, :, None]) / torch.sqrt(var[None, :, None] + bn.eps) * bn.weight + bn.bias
         if self.training and bn.track_running_stats:
             with torch.no_grad():
-                mom = bn.momentum if bn.momentum is not None else 0.1
+                mom = self._momentum()
                 c = x.shape[1]
-                k = (1 - mom) ** torch.arange(c - 1, -1, -1, device=x.device, dtype=x.dtype)  # caption c's weight
+                if positions is None:  # these captions are the whole batch, in order: decay here
+                    k = (1 - mom) ** torch.arange(c - 1, -1, -1, device=x.device, dtype=x.dtype)  # caption c's weight
+                    bn.running_mean.mul_((1 - mom) ** c)
+                    bn.running_var.mul_((1 - mom) ** c)
+                    bn.num_batches_tracked.add_(c)
+                else:  # a chunk of a batch of n_captions (start_batch decayed it): weights by caption position
+                    k = (1 - mom) ** (n_captions - 1 - positions.to(x.device, x.dtype))
                 unbiased = var * n / (n - 1).clamp_min(1)
-                bn.running_mean.mul_((1 - mom) ** c).add_(mom * (k * mean.detach()).sum())
-                bn.running_var.mul_((1 - mom) ** c).add_(mom * (k * unbiased.detach()).sum())
-                bn.num_batches_tracked.add_(c)
+                bn.running_mean.add_(mom * (k * mean.detach()).sum())
+                bn.running_var.add_(mom * (k * unbiased.detach()).sum())
         return y
 
-    def forward(self, sim_emb: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
-        x = self._batch_norm(self.attn(sim_emb).squeeze(-1), node_mask)  # [I, C, N]
+    def forward(self, sim_emb: torch.Tensor, node_mask: torch.Tensor, positions: torch.Tensor | None = None,
+                n_captions: int | None = None) -> torch.Tensor:
+        x = self._batch_norm(self.attn(sim_emb).squeeze(-1), node_mask, positions, n_captions)  # [I, C, N]
         a = torch.sigmoid(x) * node_mask[None].to(x.dtype)
         a = l1_normalize(a, dim=-1)
         return l2_normalize((a[..., None] * sim_emb).sum(-2))

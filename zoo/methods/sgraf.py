@@ -108,10 +108,13 @@ class SGRAF(RetrievalModule):
         node_mask = torch.cat([wm.new_ones(wm.shape[0], 1), wm], 1)
         return torch.cat([glo[:, :, None], loc], 2), node_mask
 
-    def reduce(self, sim_emb: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
-        """SAF or SGR: [I, C, N, P] -> the similarity vector [I, C, P] (the input of sim_eval_w)."""
+    def reduce(self, sim_emb: torch.Tensor, node_mask: torch.Tensor, positions: torch.Tensor | None = None,
+               n_captions: int | None = None) -> torch.Tensor:
+        """SAF or SGR: [I, C, N, P] -> the similarity vector [I, C, P] (the input of sim_eval_w).
+
+        positions / n_captions: where these captions sit in the batch (SAF's running statistics in training)."""
         if self.hparams.module == "SAF":
-            return self.saf(sim_emb, node_mask)
+            return self.saf(sim_emb, node_mask, positions, n_captions)
         for step in self.sgr:
             sim_emb = step(sim_emb, node_mask)
         return sim_emb[:, :, 0]
@@ -119,18 +122,21 @@ class SGRAF(RetrievalModule):
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
         if use_reference():
             return self.reference_score(img, cap)
-        if self.training:  # caption order kept: SAF's running statistics take one step per caption, in order
-            return self._score_chunks(img, cap, torch.arange(cap["words"].shape[0]), cap["words"].shape[1])
-        # evaluation: captions bucketed by exact length (no padded word is computed), chunked by the pair budget
+        # captions bucketed by exact length (no padded word is computed), each bucket chunked by the pair budget;
+        # in training SAF's running statistics still take one step per caption in caption order (start_batch)
         lengths = cap["lengths"].to(cap["words"].device)
-        out = torch.empty(img["regions"].shape[0], lengths.shape[0], dtype=img["regions"].dtype,
-                          device=img["regions"].device)
+        n_cap = lengths.shape[0]
+        if self.training and self.hparams.module == "SAF":
+            self.saf.start_batch(n_cap)
+        parts, cols = [], []
         for n in torch.unique(lengths).tolist():
             idx = torch.nonzero(lengths == n).squeeze(1)
-            out[:, idx] = self._score_chunks(img, cap, idx, int(n))
-        return out
+            parts.append(self._score_chunks(img, cap, idx, int(n), n_cap))
+            cols.append(idx)
+        out = torch.cat(parts, 1)
+        return out[:, torch.argsort(torch.cat(cols))]  # back to caption order (differentiable)
 
-    def _score_chunks(self, img: Emb, cap: Emb, idx: torch.Tensor, n_words: int) -> torch.Tensor:
+    def _score_chunks(self, img: Emb, cap: Emb, idx: torch.Tensor, n_words: int, n_cap: int) -> torch.Tensor:
         n_img, d = img["regions"].shape[0], cap["words"].shape[2]
         budget = self.hparams.pair_budget or (2 ** 25 if img["regions"].is_cuda else 2 ** 20)
         step = max(1, int(budget // max(1, n_img * n_words * d)))
@@ -139,7 +145,7 @@ class SGRAF(RetrievalModule):
             sel = idx[s:s + step]
             part = {"words": cap["words"][sel, :n_words], "lengths": cap["lengths"][sel], "glo": cap["glo"][sel]}
             sim_emb, node_mask = self.alignments(img, part)
-            out.append(torch.sigmoid(self.eval_head(self.reduce(sim_emb, node_mask)).squeeze(-1)))
+            out.append(torch.sigmoid(self.eval_head(self.reduce(sim_emb, node_mask, sel, n_cap)).squeeze(-1)))
         return torch.cat(out, 1)
 
     def reference_score(self, img: Emb, cap: Emb) -> torch.Tensor:
