@@ -236,14 +236,15 @@ def test_bench_runs_and_prints_ratios(capsys):
     bench.main(["--images", "3", "--train-batch", "4", "--dim", "16", "--vocab", "30", "--repeats", "1"])
     out = capsys.readouterr().out
     table = out[out.rindex("method "):]  # the summary table
-    methods = ("casc_base", "casc", "cccl", "vse_infinity", "vsepp")
-    for method in methods:  # every registered method, fast and reference, eval and train
+    names = [spec.name for spec in bench.BENCHES.values()]
+    assert {"casc_base", "casc", "cccl", "vse_infinity", "vsepp", "sgraf"} <= set(names)
+    for method in names:  # every registered method, fast and reference, eval and train
         for what in ("eval  fast", "eval  reference", "train fast", "train reference"):
             assert any(line.startswith(f"{method} ") and what in line for line in table.splitlines()), (method, what)
     for what in ("pairs/s", "ms/step", "x  "):
         assert what in table, what
     diffs = [float(part.split(")")[0]) for part in table.split("max |fast-ref| ")[1:]]
-    assert len(diffs) == 2 * len(methods) and max(diffs) < 1e-4  # the two paths scored the same grid alike
+    assert len(diffs) == 2 * len(names) and max(diffs) < 1e-4  # the two paths scored the same grid alike
 
 
 def test_bench_registry_is_by_method_class():

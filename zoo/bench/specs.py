@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import CASC, CCCL, VSEPP, CASCBase, VSEInfinity
+from ..methods import CASC, CCCL, SGRAF, VSEPP, CASCBase, VSEInfinity
 from .common import BenchSpec, coco_lengths, random_tokens, register_bench
 
 
@@ -104,6 +104,31 @@ class CCCLBench(BenchSpec):
 
     def train_batch(self, model, batch, vocab, g):
         return {**self.raw_images(batch, g), **self.raw_captions(batch, vocab, g), "image_ids": torch.arange(batch)}
+
+
+@register_bench(SGRAF)
+class SGRAFBench(CASCBaseBench):
+    """SGRAF-SGR (the costlier module: 3 graph steps over the 1 + L alignment vectors) at sim_dim = min(256, d).
+
+    The reference column is the official loop over captions, each cut to its real words (SGRAF.reference_score);
+    the fast path scores blocks of captions at once within SGRAF's pair budget."""
+
+    name = "sgraf"
+    default_images = 20
+    default_batches = (32,)
+
+    def make_model(self, dim: int, vocab: int) -> torch.nn.Module:
+        return SGRAF(vocab_size=vocab, feature_dim=self.feature_dim, embed_dim=dim, sim_dim=min(256, dim),
+                     module="SGR", fold_size=None)
+
+    def eval_inputs(self, model, n_images, dim, g):
+        img, cap = super().eval_inputs(model, n_images, dim, g)
+        dev = next(model.parameters()).device
+        with torch.no_grad():  # the VisualSA / TextSA poolings, as SGRAF.encode_images / encode_captions form them
+            mask = torch.arange(cap["words"].shape[1])[None] < cap["lengths"][:, None]
+            img["glo"] = model.v_global(img["regions"].to(dev)).cpu()
+            cap["glo"] = model.t_global(cap["words"].to(dev), mask.to(dev)).cpu()
+        return img, cap
 
 
 @register_bench(VSEInfinity)

@@ -45,6 +45,12 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | CCCL  | (29)-(31) coherence term L_c           | coherence.coherence_loss                      |
 | CCCL  | (32) F = mean of branch scores         | vsf.fuse_scores                               |
 | CCCL  | (33)-(34) hybrid loss                  | coherence.hybrid_loss                         |
+| SGRAF | VisualSA / TextSA global pooling       | sgraf.SelfAttentionPool                       |
+| SGRAF | SCAN attention as its code (x9, l2 over words) | sgraf.sgraf_attended_regions (attention.attention_weights) |
+| SGRAF | local / global alignment vectors       | vsf.VectorSimilarity(normalize_inputs=False, bias=True) |
+| SGRAF | SAF (filtration)                       | sgraf.AttentionFiltration                     |
+| SGRAF | SGR (one graph reasoning step)         | sgraf.GraphReasoning                          |
+| SCAN  | t-i / i-t attention, AVG / LSE         | attention.t2i_similarity / i2t_similarity (CASC-base's scorer) |
 """
 from .attention import (RegionWordScores, attend, attention_weights, cross_attention_similarity, i2t_similarity,
                         reference_scoring, region_word_scores, t2i_similarity)

@@ -31,11 +31,13 @@ class BiGRUTextEncoder(nn.Module):
     """CASC Eq. (2): word embeddings (300-d) -> bidirectional GRU, the two directions averaged, l2-norm.
 
     tokens [C, L] (0 = padding), lengths [C] -> word features [C, L, d]; padded positions are exactly 0.
+    `dropout`: on the word embeddings, before the GRU (SGRAF's 0.4, SGRAF model.py:95; 0 = none, CASC).
     """
 
     def __init__(self, vocab_size: int, word_dim: int = 300, embed_dim: int = 1024, num_layers: int = 1,
-                 normalize: bool = True):
+                 normalize: bool = True, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout else None
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         with torch.no_grad():
@@ -46,6 +48,8 @@ class BiGRUTextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
+        if self.dropout is not None:
+            x = self.dropout(x)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         reference = use_reference()
         if not reference and x.device.type == "cpu" and self.rnn.num_layers == 1:

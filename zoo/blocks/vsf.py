@@ -21,13 +21,16 @@ class VectorSimilarity(nn.Module):
     the source of the VSF. Eq. (15) as printed (False) compares raw vectors: when one side is much longer than the
     other, |a - b|^2 is nearly the same for every partner and the scores of all pairs collapse together (observed
     on SynthScenes: no learning).
+    bias=True: W has a bias, as SGRAF's sim_tranloc_w / sim_tranglo_w (SGRAF model.py:311-312), which also feeds
+    its (already l2-normalised) vectors in unchanged: normalize_inputs=False there.
     """
 
-    def __init__(self, dim: int, sim_dim: int = 256, use_vsf: bool = True, normalize_inputs: bool = True):
+    def __init__(self, dim: int, sim_dim: int = 256, use_vsf: bool = True, normalize_inputs: bool = True,
+                 bias: bool = False):
         super().__init__()
         self.use_vsf = use_vsf
         self.normalize_inputs = normalize_inputs
-        self.weight = nn.Linear(dim, sim_dim, bias=False) if use_vsf else None
+        self.weight = nn.Linear(dim, sim_dim, bias=bias) if use_vsf else None
         self.out_dim = sim_dim if use_vsf else 1
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
