@@ -503,3 +503,41 @@ def test_image_label_words_reads_the_label_dictionary(tmp_path):
     out = model.image_label_words(dm, [0, 4], k=3)
     assert len(out) == 2 and all(len(r) == 3 for r in out)
     assert all(w in NOUNS and 0 < s < 1 for r in out for w, s in r)
+
+
+# ---- the recipes follow the released code (Code_CASC at HEAD; issue 17) -----------------------------------------
+def _printed_config(recipe: Path, capsys, monkeypatch) -> dict:
+    import sys
+
+    import yaml
+
+    from zoo.cli import main
+
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    with pytest.raises(SystemExit) as e:  # --print_config exits after printing the merged config
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+RELEASED = {  # recipe -> {dotted key: released value}
+    "casc_synth.yaml": {"model.init_args.lse_temperature": 5.0},
+    "casc_f30k.yaml": {"model.init_args.lse_temperature": 5.0},
+    "casc_coco.yaml": {"model.init_args.lse_temperature": 5.0},
+    "casc_base_f30k.yaml": {"model.init_args.lse_temperature": 5.0},
+    "casc_base_coco.yaml": {"model.init_args.lse_temperature": 5.0},
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RELEASED))
+def test_recipes_print_the_released_settings(recipe, capsys, monkeypatch):
+    merged = _printed_config(ROOT / "recipes" / recipe, capsys, monkeypatch)
+    for key, want in RELEASED[recipe].items():
+        node = merged
+        for part in key.split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert node == want, f"{recipe}: {key} = {node!r}, released {want!r}"
+
+
+def test_casc_defaults_to_the_released_lse_temperature():
+    assert CASC().hparams.lse_temperature == 5.0

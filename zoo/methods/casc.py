@@ -70,7 +70,7 @@ class CASC(CASCBase):
     def __init__(self, vocab_size: int | None = None, num_labels: int | None = None, feature_dim: int = 2048,
                  embed_dim: int = 1024, word_dim: int = 300, local: str = "attention", global_branch: str = "label",
                  direction: str = "both", lambda_i2t: float = 4.0, lambda_t2i: float = 9.0,
-                 aggregation_i2t: str = "lse", aggregation_t2i: str = "mean", lse_temperature: float = 6.0,
+                 aggregation_i2t: str = "lse", aggregation_t2i: str = "mean", lse_temperature: float = 5.0,
                  score_norm: str = "clipped_l2", label_hidden: int = 512, alpha: float = 10.0,
                  label_reduction: str = "mean", positive_weights: bool = True, label_vectors: str = "attention",
                  sg_reading: str = "pair", beta: float = 0.8, local_fusion: str = "average",
