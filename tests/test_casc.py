@@ -537,7 +537,56 @@ def test_recipes_print_the_released_settings(recipe, capsys, monkeypatch):
         for part in key.split("."):
             node = node[int(part)] if isinstance(node, list) else node[part]
         assert node == want, f"{recipe}: {key} = {node!r}, released {want!r}"
+    if merged["model"]["class_path"] == "zoo.methods.CASC":  # the best checkpoint by the local score, as released
+        ckpt = [c for c in merged["trainer"]["callbacks"] if c["class_path"].endswith("ZooCheckpoint")]
+        assert len(ckpt) == 1 and ckpt[0]["init_args"]["monitor"] == "val_local/rsum", recipe
+        assert merged["trainer"]["callbacks"][-1] is ckpt[0], "last, so --trainer.callbacks.init_args.monitor reaches it"
 
 
 def test_casc_defaults_to_the_released_lse_temperature():
     assert CASC().hparams.lse_temperature == 5.0
+
+
+SHRINK_SYNTH = ["--data.init_args.n_train", "20", "--data.init_args.n_dev", "4", "--data.init_args.n_test", "4",
+                "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "4",
+                "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
+                "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",
+                "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8",
+                "--model.init_args.word_dim", "4", "--model.init_args.label_hidden", "8"]
+
+
+def test_best_checkpoint_is_selected_on_the_local_score_as_released(synth_root, tmp_path, monkeypatch):
+    """val_local/rsum = the validation rsum of S_loc alone (beta = 1), and the recipes' checkpoint monitor."""
+    from zoo.cli import ZooCLI
+    from zoo.engine.module import RetrievalModule
+
+    monkeypatch.chdir(tmp_path)
+    cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                 args=["--config", str(ROOT / "recipes" / "casc_synth.yaml"), "--data.init_args.root", str(synth_root),
+                       *SHRINK_SYNTH, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                       "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                       "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu"])
+    assert cli.trainer.checkpoint_callback.monitor == "val_local/rsum"
+    cli.trainer.fit(cli.model, cli.datamodule)
+    logged = cli.trainer.callback_metrics
+    assert {"val/rsum", "val_local/rsum"} <= set(logged)
+    assert float(cli.trainer.checkpoint_callback.best_model_score) == pytest.approx(float(logged["val_local/rsum"]))
+    model = cli.model
+    model.beta = 1.0  # the local score alone, through the ordinary evaluation
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (out,) = trainer.validate(model, cli.datamodule, verbose=False)
+    assert out["val/rsum"] == pytest.approx(float(logged["val_local/rsum"]), abs=1e-4)
+    assert out["val_local/rsum"] == pytest.approx(out["val/rsum"], abs=1e-4)
+
+
+def test_every_row_has_the_local_monitor_key(f64):
+    """Rows with one score part (CASC-base: no S_G; row 4: S_G alone) report their score as `local`."""
+    for kw in ({"global_branch": "none"}, {"local": "none"}, {}):
+        model = _model(**kw)
+        model.caps_per_image = 1
+        img, cap = _random_emb(model, n_cap=3, lengths=(4, 2, 3))
+        model.trainer = L.Trainer(accelerator="cpu", logger=False)  # not testing: validation's extra key
+        res = model.evaluate_embeddings(img, cap, torch.arange(3), torch.arange(3), 3)
+        model.beta = 1.0
+        assert res["local"] == (res["all"] if kw else model.evaluate_embeddings(img, cap, torch.arange(3),
+                                                                                torch.arange(3), 3)["all"]), kw

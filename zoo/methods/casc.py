@@ -287,15 +287,30 @@ class CASC(CASCBase):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
-    # ---- evaluation: the beta sweep from one pass ------------------------------------------------------------------
+    # ---- evaluation: the beta sweep and the local-only metrics from one pass --------------------------------------
+    @property
+    def _has_both_parts(self) -> bool:
+        return self.hparams.local != "none" and self.hparams.global_branch != "none"
+
+    def _wants_local_metrics(self) -> bool:
+        """Validation also reports S_loc alone (`val_local/rsum`), the released code's checkpoint selection
+        (Code_CASC train.py:216 validates without the label model); tests report it only with a beta sweep."""
+        return self._trainer is not None and not self.trainer.testing
+
     @torch.no_grad()
     def evaluate_embeddings(self, img: Emb, cap: Emb, image_ids: torch.Tensor, caption_ids: torch.Tensor,
                             n_images: int, progress: bool = False) -> dict[str, dict[str, float]]:
-        """The shared evaluation; with beta_sweep, also the metrics at every beta, from the S_loc and S_G blocks
-        recorded while the shared loop scored the grid (no second scoring pass)."""
-        betas = self.beta_sweep
+        """The shared evaluation; with beta_sweep, also the metrics at every beta, and in validation the metrics
+        of S_loc alone as `local` (logged val_local/rsum), from the S_loc and S_G blocks recorded while the shared
+        loop scored the grid (no second scoring pass). A row with one score part only (no S_G, or S_G alone)
+        reports its score as `local` too, so every row has the key the recipes monitor."""
+        betas = [(f"beta{float(b):g}", float(b)) for b in (self.beta_sweep or [])]
+        local = self._wants_local_metrics()
+        if local and self._has_both_parts:
+            betas.append(("local", 1.0))  # fuse(S_loc, S_G, 1) = S_loc
         if not betas:
-            return super().evaluate_embeddings(img, cap, image_ids, caption_ids, n_images, progress)
+            results = super().evaluate_embeddings(img, cap, image_ids, caption_ids, n_images, progress)
+            return self._alias_local(results) if local else results
         seen = torch.unique(gather_padded(image_ids))
         self._recording = []
         try:
@@ -324,12 +339,19 @@ class CASC(CASCBase):
                 if grids[g] is None:
                     grids[g] = torch.empty(rows_ids.numel(), n_images * k, dtype=torch.float32, device=part.device)
                 grids[g][row_of[i_ids][:, None], cap_pos(c_ids)[None, :]] = part.float()
-        for beta in betas:
-            sims = fuse(grids[0], grids[1], float(beta)) if blocks else torch.empty(0, n_images * k, device=device)
+        for name, beta in betas:
+            sims = fuse(grids[0], grids[1], beta) if blocks else torch.empty(0, n_images * k, device=device)
             metric = RetrievalMetrics(k, self.fold_size).to(sims.device)
             metric.update(sims, img_pos(rows_ids))  # every rank updates (possibly empty): compute() gathers
             for split, m in metric.compute().items():
-                results[f"beta{float(beta):g}" + ("" if split == "all" else f"_{split}")] = m
+                results[name + ("" if split == "all" else f"_{split}")] = m
+        return self._alias_local(results) if local and not self._has_both_parts else results
+
+    @staticmethod
+    def _alias_local(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        base = [s for s in results if s == "all" or not (s.startswith("beta") or s.startswith("local"))]
+        for split in base:
+            results["local" if split == "all" else f"local_{split}"] = dict(results[split])
         return results
 
     # ---- predicted labels (Fig. 4) ----------------------------------------------------------------------------------
