@@ -521,9 +521,12 @@ def _printed_config(recipe: Path, capsys, monkeypatch) -> dict:
 
 
 RELEASED = {  # recipe -> {dotted key: released value}
-    "casc_synth.yaml": {"model.init_args.lse_temperature": 5.0},
-    "casc_f30k.yaml": {"model.init_args.lse_temperature": 5.0},
-    "casc_coco.yaml": {"model.init_args.lse_temperature": 5.0},
+    "casc_synth.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
+                       "trainer.gradient_clip_val": 2.0},
+    "casc_f30k.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
+                      "trainer.gradient_clip_val": 2.0},
+    "casc_coco.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
+                      "trainer.gradient_clip_val": 2.0},
     "casc_base_f30k.yaml": {"model.init_args.lse_temperature": 5.0},
     "casc_base_coco.yaml": {"model.init_args.lse_temperature": 5.0},
 }
@@ -590,3 +593,28 @@ def test_every_row_has_the_local_monitor_key(f64):
         model.beta = 1.0
         assert res["local"] == (res["all"] if kw else model.evaluate_embeddings(img, cap, torch.arange(3),
                                                                                 torch.arange(3), 3)["all"]), kw
+
+
+@pytest.mark.parametrize("how", ["per_group", "joint"])
+def test_per_group_clipping_a_large_head_gradient_leaves_the_encoder_step(how):
+    """Released (Code_CASC model.py:493-495): encoders and label head clipped to norm 2 each."""
+    model = _model(gradient_clipping=how)
+    model.trainer = L.Trainer(accelerator="cpu", logger=False, gradient_clip_val=2.0)
+    opt = model.configure_optimizers()["optimizer"]
+    enc, head = opt.param_groups[0]["params"], opt.param_groups[1]["params"]
+    assert {id(p) for p in head} == {id(p) for p in model.label_head.parameters()}
+    g = torch.Generator().manual_seed(0)
+    for params, norm in ((enc, 1.0), (head, 1000.0)):  # encoders below the limit, the head far above it
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        total = torch.cat([x.flatten() for x in grads]).norm()
+        for p, x in zip(params, grads):
+            p.grad = x * (norm / total)
+    enc_before = [p.grad.clone() for p in enc]
+    model.configure_gradient_clipping(opt, 2.0, "norm")
+    group_norm = lambda ps: float(torch.cat([p.grad.flatten() for p in ps]).norm())  # noqa: E731
+    if how == "per_group":
+        assert all(torch.equal(p.grad, b) for p, b in zip(enc, enc_before))  # 1.0 < 2: untouched
+        assert group_norm(head) == pytest.approx(2.0, rel=1e-4)
+    else:  # one norm over both: the head's 1000 shrinks the encoders' gradient about 500 times
+        assert group_norm(enc) == pytest.approx(1.0 * 2.0 / math.hypot(1.0, 1000.0), rel=1e-3)
+        assert math.hypot(group_norm(enc), group_norm(head)) == pytest.approx(2.0, rel=1e-4)

@@ -65,6 +65,8 @@ class CASC(CASCBase):
         beta_sweep: also report the metrics at each of these betas from the same evaluation pass, logged as
             <stage>_beta<b>/<metric> (e.g. test_beta0.5/rsum); None = off.
         label_lr / label_lr_decay / label_lr_decay_epochs: the label head's parameter group schedule.
+        gradient_clipping: 'per_group' (released: the encoders and the label head each clipped to the trainer's
+            gradient_clip_val, Code_CASC model.py:493-495) or 'joint' (one norm over all parameters, Lightning's).
     """
 
     def __init__(self, vocab_size: int | None = None, num_labels: int | None = None, feature_dim: int = 2048,
@@ -75,12 +77,13 @@ class CASC(CASCBase):
                  label_reduction: str = "mean", positive_weights: bool = True, label_vectors: str = "attention",
                  sg_reading: str = "pair", beta: float = 0.8, local_fusion: str = "average",
                  beta_sweep: list[float] | None = None, label_lr: float = 0.01, label_lr_decay: float = 0.8,
-                 label_lr_decay_epochs: int = 3, **loop_kwargs):
+                 label_lr_decay_epochs: int = 3, gradient_clipping: str = "per_group", **loop_kwargs):
         super(CASCBase, self).__init__(**loop_kwargs)  # RetrievalModule: CASCBase.__init__ would build its own hparams
         checks = {"local": (local, LOCALS), "global_branch": (global_branch, GLOBALS),
                   "direction": (direction, ("both", "i2t", "t2i")), "sg_reading": (sg_reading, SG_READINGS),
                   "label_vectors": (label_vectors, ("attention", "mean")), "local_fusion": (local_fusion, ("average", "sum")),
-                  "label_reduction": (label_reduction, ("mean", "sum"))}
+                  "label_reduction": (label_reduction, ("mean", "sum")),
+                  "gradient_clipping": (gradient_clipping, ("per_group", "joint"))}
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"CASC {name} must be one of {allowed}, got {value!r}")
@@ -286,6 +289,18 @@ class CASC(CASCBase):
             lambdas.append(step(hp.label_lr_decay_epochs, hp.label_lr_decay))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Released (Code_CASC model.py:493-495): clip_grad_norm_ of the encoders and of the label head separately,
+        each to gradient_clip_val, so a large label-head gradient does not shrink the encoders' step. The two
+        groups are the optimiser's parameter groups (configure_optimizers). `gradient_clipping: joint` = one norm."""
+        if self.hparams.gradient_clipping == "joint" or self.label_head is None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"CASC gradient_clipping: per_group clips norms; trainer.gradient_clip_algorithm is "
+                             f"{gradient_clip_algorithm!r}: use 'norm', or model.gradient_clipping: joint")
+        for group in optimizer.param_groups:  # gradients are unscaled here under 16-mixed (Lightning unscales first)
+            torch.nn.utils.clip_grad_norm_(group["params"], float(gradient_clip_val))
 
     # ---- evaluation: the beta sweep and the local-only metrics from one pass --------------------------------------
     @property
