@@ -16,7 +16,7 @@ from .errors import DataError
 from .layout import SplitData, check_root, load_split, read_captions, scan_features_cached, split_paths
 from .prepare import (ParseTable, cache_lock, captions_digest, ensure_parsed, load_or_build_vocab, parse_is_current,
                       parse_path, read_parse_meta, vocab_filename, vocab_is_current)
-from .labels import LabelVocabulary, check_lemmatize, load_or_build
+from .labels import ASSIGNMENTS, COUNTS_FROM, LabelVocabulary, check_lemmatize, load_or_build
 from .text import Vocabulary
 
 TRAIN_FEATURE_STORES = ("mmap", "memory", "memory_fp16", "device_fp16")
@@ -59,6 +59,12 @@ class PrecompDataModule(L.LightningDataModule):
             may read); positive weights p_c of Eq. (11) are `label_pos_weights`.
         label_stopwords: drop English stopwords from the labels (released CASC code); label_lemmatize: count
             lemmas instead of surface tokens (not available: the parse files store no lemmas; raises).
+        label_assignment: which tokens give an image (or caption) its labels: 'dictionary' (released CASC code,
+            data.py:72-76: every token that is in the label dictionary, whatever its part of speech there) or
+            'pos' (only tokens tagged with one of label_pos's parts of speech in that caption).
+        label_counts_from: captions the dictionary is counted over: 'train+dev' (released, vocab.py:65-85: the
+            training and the whole val_split caption files) or 'train'. Positive weights always come from the
+            training images.
         parser: 'spacy' or 'stanza' backend for POS tags and graphs.
         subword_tokenizer: a transformers tokenizer name or folder (e.g. bert-base-uncased): also serve its
             sub-word ids, aligned with the zoo's word positions (for BERT text encoders).
@@ -87,8 +93,8 @@ class PrecompDataModule(L.LightningDataModule):
                  val_max_images: int | None = 1000, test_max_images: int | None = None, caps_per_image: int = 5,
                  num_regions: int = 36, feature_dim: int = 2048, with_boxes: bool = False, with_pos: bool = False,
                  with_graphs: bool = False, with_labels: bool = False, label_pos: str = "nn", num_labels: int = 500,
-                 label_stopwords: bool = True, label_lemmatize: bool = False,
-                 parser: str = "spacy", subword_tokenizer: str | None = None, vocab_path: str | None = None,
+                 label_stopwords: bool = True, label_lemmatize: bool = False, label_assignment: str = "dictionary",
+                 label_counts_from: str = "train+dev", parser: str = "spacy", subword_tokenizer: str | None = None, vocab_path: str | None = None,
                  vocab_min_count: int = 4, max_unk_rate: float = 0.3, check_features: bool = True,
                  cache_dir: str | None = None, auto_prepare: bool = True, batch_size: int = 128,
                  eval_batch_size: int = 128, num_workers: int = 2, shuffle_seed: int | None = None,
@@ -106,8 +112,18 @@ class PrecompDataModule(L.LightningDataModule):
         self.with_boxes, self.with_pos, self.with_graphs = with_boxes, with_pos, with_graphs
         self.with_labels, self.label_pos, self.num_labels = with_labels, label_pos, num_labels
         self.label_stopwords, self.label_lemmatize = label_stopwords, label_lemmatize
+        self.label_assignment, self.label_counts_from = label_assignment, label_counts_from
         if with_labels:
             check_lemmatize(label_lemmatize)
+            if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+                raise DataError(None, f"data.num_labels must be a whole number of at least 1, got {num_labels!r}",
+                                "give the dictionary size (the paper's 500); for CASC without labels use "
+                                "model.global_branch: none")
+            if label_assignment not in ASSIGNMENTS:
+                raise DataError(None, f"unknown data.label_assignment {label_assignment!r}", f"use one of {list(ASSIGNMENTS)}")
+            if label_counts_from not in COUNTS_FROM:
+                raise DataError(None, f"unknown data.label_counts_from {label_counts_from!r}",
+                                f"use one of {list(COUNTS_FROM)}")
         self._labels: LabelVocabulary | None = None
         self.parser = parser
         self.subword_tokenizer = subword_tokenizer
@@ -211,7 +227,8 @@ class PrecompDataModule(L.LightningDataModule):
 
     @property
     def label_path(self) -> Path:
-        return self.cache_dir / f"labels.{self.label_pos}.{self.num_labels}.{self.parser}.json"
+        return self.cache_dir / (f"labels.{self.label_pos}.{self.num_labels}.{self.parser}."
+                                 f"{self.label_assignment}.{self.label_counts_from}.json")
 
     @property
     def labels(self) -> LabelVocabulary:
@@ -220,10 +237,16 @@ class PrecompDataModule(L.LightningDataModule):
         if self._labels is None:
             train = self.split_data("fit")
             parses = ParseTable(parse_path(self.cache_dir, train.split, self.parser), train.all_captions)
+            extra = []
+            if self.label_counts_from == "train+dev":  # the whole dev caption file, as released
+                dev = self.splits["val"]
+                dev_caps = read_captions(split_paths(self.root, dev)["caps"])
+                extra.append((dev_caps, ParseTable(parse_path(self.cache_dir, dev, self.parser), dev_caps)))
             self._labels = load_or_build(self.label_path, train.captions, parses, groups=self.label_pos,
                                          top_k=self.num_labels, stopwords=self.label_stopwords,
                                          lemmatize=self.label_lemmatize, parser=self.parser,
-                                         caps_per_image=self.caps_per_image)
+                                         caps_per_image=self.caps_per_image, assignment=self.label_assignment,
+                                         extra=extra)
         return self._labels
 
     @property

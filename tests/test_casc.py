@@ -190,7 +190,7 @@ def test_ablation_scorers_against_loops(f64):
 def test_casc_without_labels_scores_like_casc_base(f64):
     casc = _model(global_branch="none")
     base = CASCBase(vocab_size=20, feature_dim=6, embed_dim=5, word_dim=4, lambda_i2t=4.0, lambda_t2i=9.0,
-                    aggregation_i2t="lse", aggregation_t2i="mean")
+                    aggregation_i2t="lse", aggregation_t2i="mean", lse_temperature=5.0)
     img, cap = _random_emb(casc)
     assert torch.allclose(casc.score(img, cap), base.score(img, cap))
     assert casc.required_inputs == () and _model().required_inputs == ("labels",)
@@ -328,12 +328,64 @@ def test_label_artifact_records_its_source_and_is_rebuilt_when_it_changes(tmp_pa
     for f in root.glob("train_parse*"):
         f.unlink()
     dm2 = PrecompDataModule(str(root), num_regions=4, feature_dim=8, with_labels=True, num_labels=4, num_workers=0,
-                            vocab_min_count=1)
+                            vocab_min_count=1, label_counts_from="train")
     dm2.prepare_data()
     assert dm2.labels.words == ["horse", "cow", "hill"]
     assert dm2.label_pos_weights.tolist() == [0.0, 1.0, 1.0]
     with pytest.raises(DataError, match="lemmatisation"):
         PrecompDataModule(str(root), with_labels=True, label_lemmatize=True)
+
+
+def test_label_assignment_switch_on_a_caption_where_a_dictionary_word_is_not_a_noun():
+    """Released (Code_CASC data.py:72-76): any token in the dictionary gives its label, whatever its tag there;
+    'pos': only where that caption tags it as one of the dictionary's parts of speech."""
+    caps = ["a sign on a wall .", "a sign by a wall .", "people sign papers .", "a wall ."]
+    tags = {"sign": "NOUN", "wall": "NOUN", "papers": "NOUN", "people": "NOUN"}
+    parses = _Parses(caps, tags)
+    parses.rows[2] = np.array([UPOS_ID["NOUN"], UPOS_ID["VERB"], UPOS_ID["NOUN"], UPOS_ID["PUNCT"]])  # 'sign' a verb
+    released = LabelVocabulary.build(caps, parses, "nn", top_k=2)
+    assert released.words == ["wall", "sign"] and released.assignment == "dictionary"  # counted as nouns only (2)
+    assert [x.tolist() for x in released.caption_labels(caps, parses)] == [[0, 1], [0, 1], [1], [0]]
+    tagged = LabelVocabulary.build(caps, parses, "nn", top_k=2, assignment="pos")
+    assert [x.tolist() for x in tagged.caption_labels(caps, parses)] == [[0, 1], [0, 1], [], [0]]
+    assert [x.tolist() for x in released.image_labels(caps, parses, 2)] == [[0, 1], [0, 1]]
+    assert [x.tolist() for x in tagged.image_labels(caps, parses, 2)] == [[0, 1], [0]]
+
+
+def test_label_dictionary_counted_over_train_and_dev_as_released(tmp_path):
+    """Released (Code_CASC vocab.py:65-85): nouns counted over the train and dev captions; 'train' = train only."""
+    caps = ["a dog on grass ."] * 5 + ["a dog and a ball ."] * 5
+    dev = ["a horse and a horse ."] * 5 + ["a horse on a hill ."] * 5  # nouns the training captions lack
+    tags = {"dog": "NOUN", "grass": "NOUN", "ball": "NOUN", "horse": "NOUN", "hill": "NOUN"}
+    both = LabelVocabulary.build(caps, _Parses(caps, tags), "nn", top_k=3, extra=[(dev, _Parses(dev, tags))])
+    assert both.words == ["horse", "dog", "ball"]  # horse 15, dog 10, ball 5 = grass 5 = hill 5 (by name)
+    assert LabelVocabulary.build(caps, _Parses(caps, tags), "nn", top_k=3).words == ["dog", "ball", "grass"]
+    # through the datamodule: the two settings are two artifacts, the default is the released one
+    root = tmp_path / "d"
+    write_split(root, "train", n_images=2, captions=caps)
+    write_split(root, "dev", n_images=2, captions=dev, seed=1)
+    words = {}
+    for counts in ("train+dev", "train"):
+        dm = PrecompDataModule(str(root), num_regions=4, feature_dim=8, with_labels=True, num_labels=3, num_workers=0,
+                               vocab_min_count=1, label_counts_from=counts)
+        dm.prepare_data()
+        words[counts] = dm.labels.words
+        assert dm.labels.pos_weights.shape == (len(dm.labels),)  # over the training images only
+    assert "horse" in words["train+dev"] and "horse" not in words["train"]
+    assert PrecompDataModule(str(root), with_labels=True).label_counts_from == "train+dev"
+    with pytest.raises(DataError, match="label_counts_from"):
+        PrecompDataModule(str(root), with_labels=True, label_counts_from="dev")
+    with pytest.raises(DataError, match="label_assignment"):
+        PrecompDataModule(str(root), with_labels=True, label_assignment="nouns")
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_num_labels_below_one_is_an_error(bad, tmp_path):
+    """Issue 19.2: -3 used to slice off the last three words silently."""
+    with pytest.raises(DataError, match="num_labels must be a whole number of at least 1"):
+        PrecompDataModule(str(tmp_path), with_labels=True, num_labels=bad)
+    with pytest.raises(ValueError, match="at least one label"):
+        _model(num_labels=bad)
 
 
 # ---- leak safety ----------------------------------------------------------------------------------------------------
@@ -522,11 +574,14 @@ def _printed_config(recipe: Path, capsys, monkeypatch) -> dict:
 
 RELEASED = {  # recipe -> {dotted key: released value}
     "casc_synth.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
-                       "trainer.gradient_clip_val": 2.0},
+                       "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
+                       "data.init_args.label_counts_from": "train+dev"},
     "casc_f30k.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
-                      "trainer.gradient_clip_val": 2.0},
+                      "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
+                      "data.init_args.label_counts_from": "train+dev"},
     "casc_coco.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
-                      "trainer.gradient_clip_val": 2.0},
+                      "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
+                      "data.init_args.label_counts_from": "train+dev"},
     "casc_base_f30k.yaml": {"model.init_args.lse_temperature": 5.0},
     "casc_base_coco.yaml": {"model.init_args.lse_temperature": 5.0},
 }
