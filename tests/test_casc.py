@@ -581,9 +581,11 @@ RELEASED = {  # recipe -> {dotted key: released value}
                       "data.init_args.label_counts_from": "train+dev"},
     "casc_coco.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
                       "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
-                      "data.init_args.label_counts_from": "train+dev"},
+                      "data.init_args.label_counts_from": "train+dev", "trainer.max_epochs": 30,
+                      "model.init_args.lr_decay_epochs": 15},
     "casc_base_f30k.yaml": {"model.init_args.lse_temperature": 5.0},
-    "casc_base_coco.yaml": {"model.init_args.lse_temperature": 5.0},
+    "casc_base_coco.yaml": {"model.init_args.lse_temperature": 5.0, "trainer.max_epochs": 30,
+                            "model.init_args.lr_decay_epochs": 15},
 }
 
 
