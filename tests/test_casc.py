@@ -675,3 +675,32 @@ def test_per_group_clipping_a_large_head_gradient_leaves_the_encoder_step(how):
     else:  # one norm over both: the head's 1000 shrinks the encoders' gradient about 500 times
         assert group_norm(enc) == pytest.approx(1.0 * 2.0 / math.hypot(1.0, 1000.0), rel=1e-3)
         assert math.hypot(group_norm(enc), group_norm(head)) == pytest.approx(2.0, rel=1e-4)
+
+
+def test_another_label_dictionary_is_refused_at_test_resume_and_load(tmp_path):
+    """Issue 19.1: the dictionary was compared by size only (nn vs vb words of one size ran and scored)."""
+    _, dm = _label_data(tmp_path, num_labels=2, label_counts_from="train", test_split="dev")
+    _, other = _label_data(tmp_path, num_labels=2, label_counts_from="train", test_split="dev", label_pos="vb")
+    assert len(dm.labels) == len(other.labels) == 2 and dm.labels.words != other.labels.words
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, enable_checkpointing=False)
+    model = CASC(feature_dim=8, embed_dim=8, word_dim=4, label_hidden=4, fold_size=None)
+    L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, **kw).fit(model, dm)
+    trainer = L.Trainer(max_epochs=1, **kw)
+    trainer.strategy.connect(model)
+    ckpt = tmp_path / "casc.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["zoo_data"]
+    assert saved["label_words"] == dm.labels.words and saved["label_assignment"] == "dictionary"
+    fresh = lambda: CASC(feature_dim=8, embed_dim=8, word_dim=4, label_hidden=4, fold_size=None)  # noqa: E731
+    with pytest.raises(DataError, match="label dictionary is not the one the checkpoint was trained with"):
+        L.Trainer(**kw).test(fresh(), other, ckpt_path=str(ckpt), verbose=False)
+    with pytest.raises(DataError, match="label dictionary is not the one"):
+        L.Trainer(max_epochs=2, limit_train_batches=1, **kw).fit(fresh(), other, ckpt_path=str(ckpt))
+    loaded = CASC.load_from_checkpoint(str(ckpt))  # as zoo.engine.checkpoints.load_model (ensembles, pictures)
+    with pytest.raises(DataError, match="label dictionary is not the one"):
+        loaded.configure_from_data(other)
+    _, tagged = _label_data(tmp_path, num_labels=2, label_counts_from="train", test_split="dev", label_assignment="pos")
+    with pytest.raises(DataError, match="label_assignment"):
+        L.Trainer(**kw).test(fresh(), tagged, ckpt_path=str(ckpt), verbose=False)
+    L.Trainer(**kw).test(fresh(), dm, ckpt_path=str(ckpt), verbose=False)  # its own dictionary still works

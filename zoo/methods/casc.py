@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from datamodules.errors import DataError
+
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity, region_word_scores, triplet_ranking_loss
 from ..blocks.fast_attention import length_groups
 from ..blocks.functional import masked_mean, use_reference, wide
@@ -99,6 +101,8 @@ class CASC(CASCBase):
         self.text_encoder: BiGRUTextEncoder | None = None
         self.label_head: LabelHead | None = None
         self.label_words: list[str] | None = None  # the data's label dictionary, in head-output order
+        self.label_assignment: str | None = None  # how the data assigned labels (data.label_assignment)
+        self.label_source: str | None = None
         if vocab_size is not None:
             self._build_text(vocab_size)
         if num_labels is not None and global_branch == "label":
@@ -126,7 +130,12 @@ class CASC(CASCBase):
         if not self.uses_labels:
             return
         k = len(datamodule.labels)
-        self.label_words = list(datamodule.labels.words)
+        words = list(datamodule.labels.words)
+        assignment = getattr(datamodule.labels, "assignment", None)
+        source = str(getattr(datamodule, "label_path", "the data's label dictionary"))
+        if self.label_words is not None:  # loaded from a checkpoint first (load_model, ensembles, pictures)
+            self.check_label_dictionary(words, assignment, source, self.label_words, self.label_assignment)
+        self.label_words, self.label_assignment, self.label_source = words, assignment, source
         if self.label_head is None:
             self._build_labels(k)
         elif self.label_head.fc2.out_features != k:
@@ -135,16 +144,43 @@ class CASC(CASCBase):
         if self.hparams.positive_weights:
             self.pos_weight.copy_(datamodule.label_pos_weights.to(self.pos_weight))
 
+    @staticmethod
+    def check_label_dictionary(data_words: list[str], data_assignment: str | None, data_source: str | None,
+                               trained_words: list[str] | None, trained_assignment: str | None) -> None:
+        """Refuses data whose label ids would mean other words (or come from other tokens) than in training:
+        the head's outputs are the trained dictionary's words, compared word by word as the vocabulary is."""
+        if trained_words is not None and list(data_words) != list(trained_words):
+            diff = next((i for i, (a, b) in enumerate(zip(data_words, trained_words)) if a != b),
+                        min(len(data_words), len(trained_words)))
+            where = (f"label {diff} is {data_words[diff]!r} in the data but {trained_words[diff]!r} in training"
+                     if diff < min(len(data_words), len(trained_words)) else "one list is longer")
+            raise DataError(data_source, "this label dictionary is not the one the checkpoint was trained with "
+                            f"({len(trained_words)} labels in training, {len(data_words)} here; {where}), so the "
+                            "head's outputs would name other words than the caption vectors and targets",
+                            "use the training run's data.label_pos, data.num_labels, data.label_counts_from and "
+                            "label_stopwords (and its data)")
+        if trained_assignment is not None and data_assignment is not None and data_assignment != trained_assignment:
+            raise DataError(data_source, f"the checkpoint was trained with data.label_assignment {trained_assignment!r}, "
+                            f"the data assigns labels by {data_assignment!r}",
+                            f"set data.label_assignment: {trained_assignment}")
+
     # the label dictionary travels with the weights: predicted labels (Fig. 4) are named without the data
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["zoo_data"]["label_words"] = self.label_words
+        checkpoint["zoo_data"]["label_assignment"] = self.label_assignment
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        words = checkpoint.get("zoo_data", {}).get("label_words")
-        if words is not None:
-            self.label_words = words
+        saved = checkpoint.get("zoo_data", {})
+        words = saved.get("label_words")
+        if words is None:
+            return
+        if self.label_words is not None:  # set at setup from the data (lightning test / fit resume): compare
+            self.check_label_dictionary(self.label_words, self.label_assignment, self.label_source, words,
+                                        saved.get("label_assignment"))
+        # checkpoints written before label_assignment existed assigned by part of speech ('pos')
+        self.label_words, self.label_assignment = words, saved.get("label_assignment", "pos")
 
     # ---- encoders -----------------------------------------------------------------------------------------------
     @property
