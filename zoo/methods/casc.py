@@ -15,6 +15,11 @@ follow the released code and the printed reading is one switch away:
 | Eq. 13 local term       | 1/2 (S_I2T + S_T2I)                             | local_fusion=sum                                 |
 | S_G                     | sg_reading=pair: cos(s(head(A^I)), s(head(A^T)))| sg_reading=caption_labels: cos(s(head(mean v)), Y_T) |
 | label-head lr           | 0.01 x 0.8^floor(epoch/3)                       | label_lr_decay=0.1, label_lr_decay_epochs=10     |
+| LSE temperature (I2T)   | 5 (train.py:79)                                 | (not printed; SCAN: 5 F30K / 20 COCO for i-t)    |
+| gradient clipping       | encoders and head each to norm 2 (model.py:493) | gradient_clipping=joint (one norm, Lightning's)  |
+| best checkpoint         | val_local/rsum, S_loc alone (train.py:216)      | recipe monitor val/rsum (fused, beta)            |
+| label assignment (data) | any dictionary token (data.py:72-76)            | data.label_assignment=pos                        |
+| dictionary counts (data)| train + dev captions (vocab.py:65-85)           | data.label_counts_from=train                     |
 
 Ablation switches (Tables I/II): local in {attention, max, none}, global_branch in {label, cosine, none}.
 """
