@@ -158,7 +158,7 @@ def test_eq13_fusion_in_both_readings_and_scales(f64):
             with torch.no_grad():
                 img["label_logits"] = model.label_head(img["regions"].mean(1))
                 sc = region_word_scores(img["regions"], cap["words"], cap["lengths"])
-                s1 = i2t_similarity(None, None, None, smooth=4.0, agg="lse", scores=sc)
+                s1 = i2t_similarity(None, None, None, smooth=4.0, agg="lse", lse_temperature=5.0, scores=sc)
                 s2 = t2i_similarity(None, None, None, smooth=9.0, agg="mean", scores=sc)
                 if reading == "pair":
                     s_g = model.score_parts(img, cap)[1]
