@@ -15,7 +15,7 @@ from .datasets import CaptionPairs, ImageWithCaptions, collate
 from .errors import DataError
 from .layout import SplitData, check_root, load_split, read_captions, scan_features_cached, split_paths
 from .prepare import (ParseTable, cache_lock, captions_digest, ensure_parsed, load_or_build_vocab, parse_is_current,
-                      parse_path, read_parse_meta, vocab_filename, vocab_is_current)
+                      parse_path, read_caption_files, read_parse_meta, vocab_filename, vocab_is_current)
 from .labels import ASSIGNMENTS, COUNTS_FROM, LabelVocabulary, check_lemmatize, load_or_build
 from .text import Vocabulary
 
@@ -72,6 +72,8 @@ class PrecompDataModule(L.LightningDataModule):
             <cache_dir>/vocab.min<vocab_min_count>.json, built from the training captions and rebuilt whenever
             they change.
         vocab_min_count: minimum count of a word to enter the vocabulary (SCAN: 4).
+        vocab_from: captions the default vocabulary is built from: 'train' or 'train+dev' (the training and the
+            whole val_split caption files, as CASC's released code: Code_CASC vocab.py:9-10; the CASC recipes).
         max_unk_rate: stop when more than this share of a split's words are <unk> (a vocabulary of other data).
         check_features: scan each split's features for NaN/Inf (error), all-zero and huge rows (warnings)
             before training starts; the result is cached per file version, so it costs nothing the second time.
@@ -95,7 +97,7 @@ class PrecompDataModule(L.LightningDataModule):
                  with_graphs: bool = False, with_labels: bool = False, label_pos: str = "nn", num_labels: int = 500,
                  label_stopwords: bool = True, label_lemmatize: bool = False, label_assignment: str = "dictionary",
                  label_counts_from: str = "train+dev", parser: str = "spacy", subword_tokenizer: str | None = None, vocab_path: str | None = None,
-                 vocab_min_count: int = 4, max_unk_rate: float = 0.3, check_features: bool = True,
+                 vocab_min_count: int = 4, vocab_from: str = "train", max_unk_rate: float = 0.3, check_features: bool = True,
                  cache_dir: str | None = None, auto_prepare: bool = True, batch_size: int = 128,
                  eval_batch_size: int = 128, num_workers: int = 2, shuffle_seed: int | None = None,
                  train_features: str = "mmap", pin_memory: bool = False):
@@ -130,7 +132,13 @@ class PrecompDataModule(L.LightningDataModule):
         self._subword_tok = None
         self.cache_dir = Path(cache_dir) if cache_dir else self.root
         self.explicit_vocab = vocab_path is not None
-        self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / vocab_filename(vocab_min_count)
+        if vocab_from not in ("train", "train+dev"):
+            raise DataError(None, f"unknown data.vocab_from {vocab_from!r}", "use 'train' or 'train+dev'")
+        self.vocab_from = vocab_from
+        default_name = vocab_filename(vocab_min_count)
+        if vocab_from != "train":
+            default_name = default_name.replace(".json", f".{vocab_from}.json")
+        self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / default_name
         self.vocab_min_count = vocab_min_count
         self.max_unk_rate, self.check_features = max_unk_rate, check_features
         self.shuffle_seed = shuffle_seed
@@ -173,12 +181,17 @@ class PrecompDataModule(L.LightningDataModule):
         self._check_writable()
         with cache_lock(self.cache_dir):  # one writer per cache folder (another run or zoo-prepare waits)
             if not self.explicit_vocab:
-                caps = split_paths(self.root, self.splits["fit"])["caps"]
+                caps = self._vocab_sources()
                 if not self.vocab_path.exists():
-                    rank_zero_info(f"building the vocabulary from {caps} -> {self.vocab_path}")
-                load_or_build_vocab(self.vocab_path, caps, self.vocab_min_count)
+                    rank_zero_info(f"building the vocabulary from {' + '.join(map(str, caps))} -> {self.vocab_path}")
+                load_or_build_vocab(self.vocab_path, caps if len(caps) > 1 else caps[0], self.vocab_min_count)
             for split in self._parsed_splits():
                 ensure_parsed(self.root, self.cache_dir, split, self.parser)
+
+    def _vocab_sources(self) -> list[Path]:
+        """Caption files the default vocabulary is counted over (data.vocab_from)."""
+        splits = ["fit", "val"] if self.vocab_from == "train+dev" else ["fit"]
+        return [split_paths(self.root, self.splits[s])["caps"] for s in splits]
 
     def _parsed_splits(self) -> list[str]:
         # a split without captions fails later, in setup, with the layout error
@@ -191,13 +204,14 @@ class PrecompDataModule(L.LightningDataModule):
         """Artifacts missing or made from other captions/tokenizer (checked without writing anything, so a
         read-only data folder with fresh artifacts needs no cache_dir)."""
         todo = []
-        caps = split_paths(self.root, self.splits["fit"])["caps"]
+        caps = self._vocab_sources()
         if not self.explicit_vocab:
             if not self.vocab_path.exists():
                 todo.append(self.vocab_path)
-            elif caps.exists():
+            elif all(c.exists() for c in caps):
                 vocab = Vocabulary.load(self.vocab_path)
-                if vocab.meta is not None and not vocab_is_current(vocab, read_captions(caps), caps,
+                source = caps if len(caps) > 1 else caps[0]
+                if vocab.meta is not None and not vocab_is_current(vocab, read_caption_files(source), source,
                                                                     self.vocab_min_count):
                     todo.append(self.vocab_path)
         for split in self._parsed_splits():

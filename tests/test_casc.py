@@ -575,13 +575,13 @@ def _printed_config(recipe: Path, capsys, monkeypatch) -> dict:
 RELEASED = {  # recipe -> {dotted key: released value}
     "casc_synth.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
                        "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
-                       "data.init_args.label_counts_from": "train+dev"},
+                       "data.init_args.label_counts_from": "train+dev", "data.init_args.vocab_from": "train+dev"},
     "casc_f30k.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
                       "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
-                      "data.init_args.label_counts_from": "train+dev"},
+                      "data.init_args.label_counts_from": "train+dev", "data.init_args.vocab_from": "train+dev"},
     "casc_coco.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
                       "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
-                      "data.init_args.label_counts_from": "train+dev", "trainer.max_epochs": 30,
+                      "data.init_args.label_counts_from": "train+dev", "data.init_args.vocab_from": "train+dev", "trainer.max_epochs": 30,
                       "model.init_args.lr_decay_epochs": 15},
     "casc_base_f30k.yaml": {"model.init_args.lse_temperature": 5.0},
     "casc_base_coco.yaml": {"model.init_args.lse_temperature": 5.0, "trainer.max_epochs": 30,
@@ -704,3 +704,20 @@ def test_another_label_dictionary_is_refused_at_test_resume_and_load(tmp_path):
     with pytest.raises(DataError, match="label_assignment"):
         L.Trainer(**kw).test(fresh(), tagged, ckpt_path=str(ckpt), verbose=False)
     L.Trainer(**kw).test(fresh(), dm, ckpt_path=str(ckpt), verbose=False)  # its own dictionary still works
+
+
+def test_word_vocabulary_from_train_and_dev_as_released(tmp_path):
+    """Code_CASC vocab.py:9-10 builds the word vocabulary over train + dev (data.vocab_from: train+dev)."""
+    root = tmp_path / "d"
+    write_split(root, "train", n_images=2, captions=["a dog on grass ."] * 10)
+    write_split(root, "dev", n_images=2, captions=["a zebra on grass ."] * 10, seed=1)
+    words = {}
+    for source in ("train", "train+dev"):
+        dm = PrecompDataModule(str(root), num_regions=4, feature_dim=8, num_workers=0, vocab_min_count=1,
+                               vocab_from=source)
+        dm.prepare_data()
+        words[source] = set(dm.vocab.idx2word)
+        assert dm.vocab_path.exists()
+    assert "zebra" in words["train+dev"] and "zebra" not in words["train"] and "dog" in words["train"]
+    with pytest.raises(DataError, match="vocab_from"):
+        PrecompDataModule(str(root), vocab_from="dev")
