@@ -22,7 +22,8 @@ training captions, or the training and dev captions (released, Code_CASC vocab.p
 also joins an image's five captions without a separator before tokenising (data.py:57-58), which glues a
 caption's last word to the next caption's first; the zoo tokenises captions one by one (not reproduced).
 
-The artifact (labels.<pos>.<K>.<parser>[.<assignment>.<counts_from>].json) records what it was built from (captions digest, parse digest,
+The artifact (labels.<pos>.<K>.<parser>.<assignment>.<counts_from>.json) records what it was built from
+(captions digest, parse digest,
 parser, settings) and is rebuilt when any of them changes. It also caches the positive weights of Eq. (11):
 p_c = #negatives / #positives of label c over the training images.
 """

@@ -96,8 +96,9 @@ class PrecompDataModule(L.LightningDataModule):
                  num_regions: int = 36, feature_dim: int = 2048, with_boxes: bool = False, with_pos: bool = False,
                  with_graphs: bool = False, with_labels: bool = False, label_pos: str = "nn", num_labels: int = 500,
                  label_stopwords: bool = True, label_lemmatize: bool = False, label_assignment: str = "dictionary",
-                 label_counts_from: str = "train+dev", parser: str = "spacy", subword_tokenizer: str | None = None, vocab_path: str | None = None,
-                 vocab_min_count: int = 4, vocab_from: str = "train", max_unk_rate: float = 0.3, check_features: bool = True,
+                 label_counts_from: str = "train+dev", parser: str = "spacy", subword_tokenizer: str | None = None,
+                 vocab_path: str | None = None, vocab_min_count: int = 4, vocab_from: str = "train",
+                 max_unk_rate: float = 0.3, check_features: bool = True,
                  cache_dir: str | None = None, auto_prepare: bool = True, batch_size: int = 128,
                  eval_batch_size: int = 128, num_workers: int = 2, shuffle_seed: int | None = None,
                  train_features: str = "mmap", pin_memory: bool = False):
@@ -122,7 +123,8 @@ class PrecompDataModule(L.LightningDataModule):
                                 "give the dictionary size (the paper's 500); for CASC without labels use "
                                 "model.global_branch: none")
             if label_assignment not in ASSIGNMENTS:
-                raise DataError(None, f"unknown data.label_assignment {label_assignment!r}", f"use one of {list(ASSIGNMENTS)}")
+                raise DataError(None, f"unknown data.label_assignment {label_assignment!r}",
+                                f"use one of {list(ASSIGNMENTS)}")
             if label_counts_from not in COUNTS_FROM:
                 raise DataError(None, f"unknown data.label_counts_from {label_counts_from!r}",
                                 f"use one of {list(COUNTS_FROM)}")

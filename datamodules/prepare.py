@@ -50,7 +50,8 @@ def read_caption_files(source) -> list[str]:
 
 def vocab_meta(captions: list[str], source, min_count: int) -> dict:
     """What a vocabulary is built from; a vocabulary whose meta differs from this is stale."""
-    return {"source": "+".join(p.name for p in _caption_files(source)), "digest": captions_digest(captions), "min_count": min_count,
+    return {"source": "+".join(p.name for p in _caption_files(source)), "digest": captions_digest(captions),
+            "min_count": min_count,
             "tokenizer": TOKENIZER_VERSION}
 
 

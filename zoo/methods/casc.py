@@ -19,7 +19,7 @@ follow the released code and the printed reading is one switch away:
 | gradient clipping       | encoders and head each to norm 2 (model.py:493) | gradient_clipping=joint (one norm, Lightning's)  |
 | best checkpoint         | val_local/rsum, S_loc alone (train.py:216)      | recipe monitor val/rsum (fused, beta)            |
 | label assignment (data) | any dictionary token (data.py:72-76)            | data.label_assignment=pos                        |
-| dictionary counts (data)| train + dev captions (vocab.py:65-85)           | data.label_counts_from=train                     |
+| dict./vocab counts      | train + dev captions (vocab.py:65-85)           | data.label_counts_from / data.vocab_from = train |
 
 Ablation switches (Tables I/II): local in {attention, max, none}, global_branch in {label, cosine, none}.
 """
@@ -165,8 +165,8 @@ class CASC(CASCBase):
                             "use the training run's data.label_pos, data.num_labels, data.label_counts_from and "
                             "label_stopwords (and its data)")
         if trained_assignment is not None and data_assignment is not None and data_assignment != trained_assignment:
-            raise DataError(data_source, f"the checkpoint was trained with data.label_assignment {trained_assignment!r}, "
-                            f"the data assigns labels by {data_assignment!r}",
+            raise DataError(data_source, "the checkpoint was trained with data.label_assignment "
+                            f"{trained_assignment!r}, the data assigns labels by {data_assignment!r}",
                             f"set data.label_assignment: {trained_assignment}")
 
     # the label dictionary travels with the weights: predicted labels (Fig. 4) are named without the data
