@@ -14,7 +14,16 @@ Two label readings exist and must not be mixed up:
   union over a test image's captions would leak the ground-truth pairing into retrieval and is never
   offered to a model's scorer.
 
-The artifact (labels.<pos>.<K>.<parser>.json) records what it was built from (captions digest, parse digest,
+Which words give an image its labels (`assignment`): 'dictionary' (released, Code_CASC data.py:72-76) marks
+every token that is in the label dictionary, whatever its part of speech in that caption ("a *sign* reading
+stop" and "people *sign* papers" both give `sign` with 'nn'); 'pos' marks only tokens tagged with the
+dictionary's parts of speech in that caption. Where the dictionary is counted (`counts_from`): over the
+training captions, or the training and dev captions (released, Code_CASC vocab.py:65-85). The released code
+also joins an image's five captions without a separator before tokenising (data.py:57-58), which glues a
+caption's last word to the next caption's first; the zoo tokenises captions one by one (not reproduced).
+
+The artifact (labels.<pos>.<K>.<parser>.<assignment>.<counts_from>.json) records what it was built from
+(captions digest, parse digest,
 parser, settings) and is rebuilt when any of them changes. It also caches the positive weights of Eq. (11):
 p_c = #negatives / #positives of label c over the training images.
 """
@@ -34,7 +43,9 @@ from .prepare import ParseTable, captions_digest
 from .text import tokenize
 
 POS_GROUPS = {"nn": ("NOUN", "PROPN"), "vb": ("VERB",), "jj": ("ADJ",), "cd": ("NUM",)}
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+ASSIGNMENTS = ("dictionary", "pos")
+COUNTS_FROM = ("train+dev", "train")
 
 # English stopwords (the NLTK list, which the released code filters with), plus the zoo tokenizer's pieces
 STOPWORDS = frozenset("""
@@ -83,8 +94,10 @@ class LabelVocabulary:
     """The label dictionary plus what it was built from (`meta`) and the cached positive weights."""
 
     def __init__(self, words: list[str], groups: str, stopwords: bool = True, meta: dict | None = None,
-                 pos_weights: list[float] | None = None):
-        self.words, self.groups, self.stopwords = list(words), groups, stopwords
+                 pos_weights: list[float] | None = None, assignment: str = "dictionary"):
+        if assignment not in ASSIGNMENTS:
+            raise DataError(None, f"unknown label assignment {assignment!r}", f"use one of {list(ASSIGNMENTS)}")
+        self.words, self.groups, self.stopwords, self.assignment = list(words), groups, stopwords, assignment
         self.index = {w: i for i, w in enumerate(self.words)}
         self.meta = dict(meta or {})
         self.pos_weights = None if pos_weights is None else np.asarray(pos_weights, dtype=np.float32)
@@ -94,15 +107,25 @@ class LabelVocabulary:
 
     @classmethod
     def build(cls, captions: list[str], parses: ParseTable, groups: str = "nn", top_k: int = 500,
-              stopwords: bool = True, lemmatize: bool = False) -> "LabelVocabulary":
+              stopwords: bool = True, lemmatize: bool = False, assignment: str = "dictionary",
+              extra: list[tuple[list[str], ParseTable]] = ()) -> "LabelVocabulary":
+        """Top-k words of `groups` counted over `captions` (and the (captions, parses) sources of `extra`, e.g.
+        the dev split: the released code counts over train + dev)."""
         check_lemmatize(lemmatize)
-        counts = Counter(w for _, w in _tagged_words(captions, parses, pos_ids(groups), stopwords=stopwords))
+        keep = pos_ids(groups)
+        counts = Counter()
+        for caps, table in ((captions, parses), *extra):
+            counts.update(w for _, w in _tagged_words(caps, table, keep, stopwords=stopwords))
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
-        return cls([w for w, _ in ranked], groups, stopwords)
+        return cls([w for w, _ in ranked], groups, stopwords, assignment=assignment)
 
     def _sets(self, captions: list[str], parses: ParseTable, n_sets: int, per: int) -> list[np.ndarray]:
         sets: list[set[int]] = [set() for _ in range(n_sets)]
-        for k, w in _tagged_words(captions, parses, pos_ids(self.groups), stopwords=self.stopwords):
+        if self.assignment == "dictionary":  # released: any token in the dictionary, whatever its tag here
+            words = ((k, w) for k, cap in enumerate(captions) for w in tokenize(cap))
+        else:  # 'pos': only where the caption's tagger gives the token one of the dictionary's parts of speech
+            words = _tagged_words(captions, parses, pos_ids(self.groups), stopwords=self.stopwords)
+        for k, w in words:
             if w in self.index:
                 sets[k // per].add(self.index[w])
         return [np.array(sorted(s), dtype=np.int64) for s in sets]
@@ -133,6 +156,7 @@ class LabelVocabulary:
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
         data = {"format": FORMAT_VERSION, "groups": self.groups, "stopwords": self.stopwords, "words": self.words,
+                "assignment": self.assignment,
                 "meta": self.meta,
                 "pos_weights": None if self.pos_weights is None else [float(x) for x in self.pos_weights]}
         tmp.write_text(json.dumps(data))
@@ -143,22 +167,25 @@ class LabelVocabulary:
         try:
             data = json.loads(path.read_text())
             return cls(data["words"], data["groups"], data.get("stopwords", True), data.get("meta"),
-                       data.get("pos_weights"))
+                       data.get("pos_weights"), data.get("assignment", "pos"))
         except (OSError, ValueError, KeyError) as e:
             raise DataError(path, f"cannot read the label dictionary ({e})", "delete it so it is rebuilt") from None
 
 
 def label_source(captions: list[str], parses: ParseTable, *, groups: str, top_k: int, stopwords: bool,
-                 lemmatize: bool, parser: str, caps_per_image: int) -> dict:
+                 lemmatize: bool, parser: str, caps_per_image: int, assignment: str = "dictionary",
+                 extra: list[tuple[list[str], ParseTable]] = ()) -> dict:
     """What a label artifact depends on; a stored artifact whose `meta` differs is rebuilt."""
     return {"format": FORMAT_VERSION, "captions_digest": captions_digest(captions), "n_captions": len(captions),
             "parses_digest": parses_digest(parses), "parser": parser, "groups": groups, "top_k": top_k,
-            "stopwords": stopwords, "lemmatize": lemmatize, "caps_per_image": caps_per_image}
+            "stopwords": stopwords, "lemmatize": lemmatize, "caps_per_image": caps_per_image,
+            "assignment": assignment,
+            "counted_also": [[captions_digest(c), parses_digest(t)] for c, t in extra]}
 
 
 def load_or_build(path: Path, captions: list[str], parses: ParseTable, **settings) -> LabelVocabulary:
-    """The label dictionary of these training captions: the cached file when it matches its source, else rebuilt
-    (with the positive weights over the training images) and saved."""
+    """The label dictionary of these training captions (counted over them and `extra`): the cached file when it
+    matches its source, else rebuilt (with the positive weights over the training images) and saved."""
     source = label_source(captions, parses, **settings)
     if path.exists():
         try:
@@ -168,7 +195,8 @@ def load_or_build(path: Path, captions: list[str], parses: ParseTable, **setting
         except DataError:
             pass  # unreadable: rebuild
     voc = LabelVocabulary.build(captions, parses, settings["groups"], settings["top_k"], settings["stopwords"],
-                                settings["lemmatize"])
+                                settings["lemmatize"], settings.get("assignment", "dictionary"),
+                                settings.get("extra", ()))
     voc.meta = source
     voc.pos_weights = voc.positive_weights(voc.image_labels(captions, parses, settings["caps_per_image"]))
     voc.save(path)

@@ -15,8 +15,8 @@ from .datasets import CaptionPairs, ImageWithCaptions, collate
 from .errors import DataError
 from .layout import SplitData, check_root, load_split, read_captions, scan_features_cached, split_paths
 from .prepare import (ParseTable, cache_lock, captions_digest, ensure_parsed, load_or_build_vocab, parse_is_current,
-                      parse_path, read_parse_meta, vocab_filename, vocab_is_current)
-from .labels import LabelVocabulary, check_lemmatize, load_or_build
+                      parse_path, read_caption_files, read_parse_meta, vocab_filename, vocab_is_current)
+from .labels import ASSIGNMENTS, COUNTS_FROM, LabelVocabulary, check_lemmatize, load_or_build
 from .text import Vocabulary
 
 TRAIN_FEATURE_STORES = ("mmap", "memory", "memory_fp16", "device_fp16")
@@ -59,6 +59,12 @@ class PrecompDataModule(L.LightningDataModule):
             may read); positive weights p_c of Eq. (11) are `label_pos_weights`.
         label_stopwords: drop English stopwords from the labels (released CASC code); label_lemmatize: count
             lemmas instead of surface tokens (not available: the parse files store no lemmas; raises).
+        label_assignment: which tokens give an image (or caption) its labels: 'dictionary' (released CASC code,
+            data.py:72-76: every token that is in the label dictionary, whatever its part of speech there) or
+            'pos' (only tokens tagged with one of label_pos's parts of speech in that caption).
+        label_counts_from: captions the dictionary is counted over: 'train+dev' (released, vocab.py:65-85: the
+            training and the whole val_split caption files) or 'train'. Positive weights always come from the
+            training images.
         parser: 'spacy' or 'stanza' backend for POS tags and graphs.
         subword_tokenizer: a transformers tokenizer name or folder (e.g. bert-base-uncased): also serve its
             sub-word ids, aligned with the zoo's word positions (for BERT text encoders).
@@ -66,6 +72,8 @@ class PrecompDataModule(L.LightningDataModule):
             <cache_dir>/vocab.min<vocab_min_count>.json, built from the training captions and rebuilt whenever
             they change.
         vocab_min_count: minimum count of a word to enter the vocabulary (SCAN: 4).
+        vocab_from: captions the default vocabulary is built from: 'train' or 'train+dev' (the training and the
+            whole val_split caption files, as CASC's released code: Code_CASC vocab.py:9-10; the CASC recipes).
         max_unk_rate: stop when more than this share of a split's words are <unk> (a vocabulary of other data).
         check_features: scan each split's features for NaN/Inf (error), all-zero and huge rows (warnings)
             before training starts; the result is cached per file version, so it costs nothing the second time.
@@ -87,9 +95,10 @@ class PrecompDataModule(L.LightningDataModule):
                  val_max_images: int | None = 1000, test_max_images: int | None = None, caps_per_image: int = 5,
                  num_regions: int = 36, feature_dim: int = 2048, with_boxes: bool = False, with_pos: bool = False,
                  with_graphs: bool = False, with_labels: bool = False, label_pos: str = "nn", num_labels: int = 500,
-                 label_stopwords: bool = True, label_lemmatize: bool = False,
-                 parser: str = "spacy", subword_tokenizer: str | None = None, vocab_path: str | None = None,
-                 vocab_min_count: int = 4, max_unk_rate: float = 0.3, check_features: bool = True,
+                 label_stopwords: bool = True, label_lemmatize: bool = False, label_assignment: str = "dictionary",
+                 label_counts_from: str = "train+dev", parser: str = "spacy", subword_tokenizer: str | None = None,
+                 vocab_path: str | None = None, vocab_min_count: int = 4, vocab_from: str = "train",
+                 max_unk_rate: float = 0.3, check_features: bool = True,
                  cache_dir: str | None = None, auto_prepare: bool = True, batch_size: int = 128,
                  eval_batch_size: int = 128, num_workers: int = 2, shuffle_seed: int | None = None,
                  train_features: str = "mmap", pin_memory: bool = False):
@@ -106,15 +115,32 @@ class PrecompDataModule(L.LightningDataModule):
         self.with_boxes, self.with_pos, self.with_graphs = with_boxes, with_pos, with_graphs
         self.with_labels, self.label_pos, self.num_labels = with_labels, label_pos, num_labels
         self.label_stopwords, self.label_lemmatize = label_stopwords, label_lemmatize
+        self.label_assignment, self.label_counts_from = label_assignment, label_counts_from
         if with_labels:
             check_lemmatize(label_lemmatize)
+            if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+                raise DataError(None, f"data.num_labels must be a whole number of at least 1, got {num_labels!r}",
+                                "give the dictionary size (the paper's 500); for CASC without labels use "
+                                "model.global_branch: none")
+            if label_assignment not in ASSIGNMENTS:
+                raise DataError(None, f"unknown data.label_assignment {label_assignment!r}",
+                                f"use one of {list(ASSIGNMENTS)}")
+            if label_counts_from not in COUNTS_FROM:
+                raise DataError(None, f"unknown data.label_counts_from {label_counts_from!r}",
+                                f"use one of {list(COUNTS_FROM)}")
         self._labels: LabelVocabulary | None = None
         self.parser = parser
         self.subword_tokenizer = subword_tokenizer
         self._subword_tok = None
         self.cache_dir = Path(cache_dir) if cache_dir else self.root
         self.explicit_vocab = vocab_path is not None
-        self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / vocab_filename(vocab_min_count)
+        if vocab_from not in ("train", "train+dev"):
+            raise DataError(None, f"unknown data.vocab_from {vocab_from!r}", "use 'train' or 'train+dev'")
+        self.vocab_from = vocab_from
+        default_name = vocab_filename(vocab_min_count)
+        if vocab_from != "train":
+            default_name = default_name.replace(".json", f".{vocab_from}.json")
+        self.vocab_path = Path(vocab_path) if vocab_path else self.cache_dir / default_name
         self.vocab_min_count = vocab_min_count
         self.max_unk_rate, self.check_features = max_unk_rate, check_features
         self.shuffle_seed = shuffle_seed
@@ -157,12 +183,17 @@ class PrecompDataModule(L.LightningDataModule):
         self._check_writable()
         with cache_lock(self.cache_dir):  # one writer per cache folder (another run or zoo-prepare waits)
             if not self.explicit_vocab:
-                caps = split_paths(self.root, self.splits["fit"])["caps"]
+                caps = self._vocab_sources()
                 if not self.vocab_path.exists():
-                    rank_zero_info(f"building the vocabulary from {caps} -> {self.vocab_path}")
-                load_or_build_vocab(self.vocab_path, caps, self.vocab_min_count)
+                    rank_zero_info(f"building the vocabulary from {' + '.join(map(str, caps))} -> {self.vocab_path}")
+                load_or_build_vocab(self.vocab_path, caps if len(caps) > 1 else caps[0], self.vocab_min_count)
             for split in self._parsed_splits():
                 ensure_parsed(self.root, self.cache_dir, split, self.parser)
+
+    def _vocab_sources(self) -> list[Path]:
+        """Caption files the default vocabulary is counted over (data.vocab_from)."""
+        splits = ["fit", "val"] if self.vocab_from == "train+dev" else ["fit"]
+        return [split_paths(self.root, self.splits[s])["caps"] for s in splits]
 
     def _parsed_splits(self) -> list[str]:
         # a split without captions fails later, in setup, with the layout error
@@ -175,13 +206,14 @@ class PrecompDataModule(L.LightningDataModule):
         """Artifacts missing or made from other captions/tokenizer (checked without writing anything, so a
         read-only data folder with fresh artifacts needs no cache_dir)."""
         todo = []
-        caps = split_paths(self.root, self.splits["fit"])["caps"]
+        caps = self._vocab_sources()
         if not self.explicit_vocab:
             if not self.vocab_path.exists():
                 todo.append(self.vocab_path)
-            elif caps.exists():
+            elif all(c.exists() for c in caps):
                 vocab = Vocabulary.load(self.vocab_path)
-                if vocab.meta is not None and not vocab_is_current(vocab, read_captions(caps), caps,
+                source = caps if len(caps) > 1 else caps[0]
+                if vocab.meta is not None and not vocab_is_current(vocab, read_caption_files(source), source,
                                                                     self.vocab_min_count):
                     todo.append(self.vocab_path)
         for split in self._parsed_splits():
@@ -211,7 +243,8 @@ class PrecompDataModule(L.LightningDataModule):
 
     @property
     def label_path(self) -> Path:
-        return self.cache_dir / f"labels.{self.label_pos}.{self.num_labels}.{self.parser}.json"
+        return self.cache_dir / (f"labels.{self.label_pos}.{self.num_labels}.{self.parser}."
+                                 f"{self.label_assignment}.{self.label_counts_from}.json")
 
     @property
     def labels(self) -> LabelVocabulary:
@@ -220,10 +253,16 @@ class PrecompDataModule(L.LightningDataModule):
         if self._labels is None:
             train = self.split_data("fit")
             parses = ParseTable(parse_path(self.cache_dir, train.split, self.parser), train.all_captions)
+            extra = []
+            if self.label_counts_from == "train+dev":  # the whole dev caption file, as released
+                dev = self.splits["val"]
+                dev_caps = read_captions(split_paths(self.root, dev)["caps"])
+                extra.append((dev_caps, ParseTable(parse_path(self.cache_dir, dev, self.parser), dev_caps)))
             self._labels = load_or_build(self.label_path, train.captions, parses, groups=self.label_pos,
                                          top_k=self.num_labels, stopwords=self.label_stopwords,
                                          lemmatize=self.label_lemmatize, parser=self.parser,
-                                         caps_per_image=self.caps_per_image)
+                                         caps_per_image=self.caps_per_image, assignment=self.label_assignment,
+                                         extra=extra)
         return self._labels
 
     @property

@@ -39,9 +39,19 @@ def captions_digest(captions: list[str]) -> str:
     return h.hexdigest()
 
 
-def vocab_meta(captions: list[str], source: Path, min_count: int) -> dict:
+def _caption_files(source) -> list[Path]:
+    """One caption file, or several (CASC's released vocabulary counts train + dev: Code_CASC vocab.py:9-10)."""
+    return [Path(p) for p in source] if isinstance(source, (list, tuple)) else [Path(source)]
+
+
+def read_caption_files(source) -> list[str]:
+    return [c for p in _caption_files(source) for c in read_captions(p)]
+
+
+def vocab_meta(captions: list[str], source, min_count: int) -> dict:
     """What a vocabulary is built from; a vocabulary whose meta differs from this is stale."""
-    return {"source": Path(source).name, "digest": captions_digest(captions), "min_count": min_count,
+    return {"source": "+".join(p.name for p in _caption_files(source)), "digest": captions_digest(captions),
+            "min_count": min_count,
             "tokenizer": TOKENIZER_VERSION}
 
 
@@ -122,8 +132,8 @@ def read_parse_meta(path: Path) -> dict | None:
         return None
 
 
-def build_vocab(train_caps: Path, out: Path, min_count: int = 4) -> Vocabulary:
-    captions = read_captions(train_caps)
+def build_vocab(train_caps, out: Path, min_count: int = 4) -> Vocabulary:
+    captions = read_caption_files(train_caps)
     vocab = Vocabulary.build(captions, min_count, meta=vocab_meta(captions, train_caps, min_count))
     vocab.save(out)
     return vocab
@@ -254,17 +264,18 @@ def prepare(root: str | Path, splits: list[str], *, train_split: str = "train", 
     return written
 
 
-def load_or_build_vocab(vocab_file: Path, train_caps: Path, min_count: int, quiet: bool = False) -> Vocabulary:
+def load_or_build_vocab(vocab_file: Path, train_caps, min_count: int, quiet: bool = False) -> Vocabulary:
     """The zoo's own vocabulary at `vocab_file`, rebuilt when the training captions, the minimum count or the
     tokenizer changed since it was built. A file without the zoo's record (SCAN's own, copied there) is used
     as it is."""
-    if not train_caps.exists():
-        raise DataError(train_caps, "training captions not found (the vocabulary is built from them)", LAYOUT_HELP)
+    for caps in _caption_files(train_caps):  # a list: the vocabulary counts over all of them
+        if not caps.exists():
+            raise DataError(caps, "training captions not found (the vocabulary is built from them)", LAYOUT_HELP)
     if vocab_file.exists():
         vocab = Vocabulary.load(vocab_file)
         if vocab.meta is None:
             return vocab
-        captions = read_captions(train_caps)
+        captions = read_caption_files(train_caps)
         if vocab_is_current(vocab, captions, train_caps, min_count):
             return vocab
         if not quiet:

@@ -158,7 +158,7 @@ def test_eq13_fusion_in_both_readings_and_scales(f64):
             with torch.no_grad():
                 img["label_logits"] = model.label_head(img["regions"].mean(1))
                 sc = region_word_scores(img["regions"], cap["words"], cap["lengths"])
-                s1 = i2t_similarity(None, None, None, smooth=4.0, agg="lse", scores=sc)
+                s1 = i2t_similarity(None, None, None, smooth=4.0, agg="lse", lse_temperature=5.0, scores=sc)
                 s2 = t2i_similarity(None, None, None, smooth=9.0, agg="mean", scores=sc)
                 if reading == "pair":
                     s_g = model.score_parts(img, cap)[1]
@@ -190,7 +190,7 @@ def test_ablation_scorers_against_loops(f64):
 def test_casc_without_labels_scores_like_casc_base(f64):
     casc = _model(global_branch="none")
     base = CASCBase(vocab_size=20, feature_dim=6, embed_dim=5, word_dim=4, lambda_i2t=4.0, lambda_t2i=9.0,
-                    aggregation_i2t="lse", aggregation_t2i="mean")
+                    aggregation_i2t="lse", aggregation_t2i="mean", lse_temperature=5.0)
     img, cap = _random_emb(casc)
     assert torch.allclose(casc.score(img, cap), base.score(img, cap))
     assert casc.required_inputs == () and _model().required_inputs == ("labels",)
@@ -328,12 +328,64 @@ def test_label_artifact_records_its_source_and_is_rebuilt_when_it_changes(tmp_pa
     for f in root.glob("train_parse*"):
         f.unlink()
     dm2 = PrecompDataModule(str(root), num_regions=4, feature_dim=8, with_labels=True, num_labels=4, num_workers=0,
-                            vocab_min_count=1)
+                            vocab_min_count=1, label_counts_from="train")
     dm2.prepare_data()
     assert dm2.labels.words == ["horse", "cow", "hill"]
     assert dm2.label_pos_weights.tolist() == [0.0, 1.0, 1.0]
     with pytest.raises(DataError, match="lemmatisation"):
         PrecompDataModule(str(root), with_labels=True, label_lemmatize=True)
+
+
+def test_label_assignment_switch_on_a_caption_where_a_dictionary_word_is_not_a_noun():
+    """Released (Code_CASC data.py:72-76): any token in the dictionary gives its label, whatever its tag there;
+    'pos': only where that caption tags it as one of the dictionary's parts of speech."""
+    caps = ["a sign on a wall .", "a sign by a wall .", "people sign papers .", "a wall ."]
+    tags = {"sign": "NOUN", "wall": "NOUN", "papers": "NOUN", "people": "NOUN"}
+    parses = _Parses(caps, tags)
+    parses.rows[2] = np.array([UPOS_ID["NOUN"], UPOS_ID["VERB"], UPOS_ID["NOUN"], UPOS_ID["PUNCT"]])  # 'sign' a verb
+    released = LabelVocabulary.build(caps, parses, "nn", top_k=2)
+    assert released.words == ["wall", "sign"] and released.assignment == "dictionary"  # counted as nouns only (2)
+    assert [x.tolist() for x in released.caption_labels(caps, parses)] == [[0, 1], [0, 1], [1], [0]]
+    tagged = LabelVocabulary.build(caps, parses, "nn", top_k=2, assignment="pos")
+    assert [x.tolist() for x in tagged.caption_labels(caps, parses)] == [[0, 1], [0, 1], [], [0]]
+    assert [x.tolist() for x in released.image_labels(caps, parses, 2)] == [[0, 1], [0, 1]]
+    assert [x.tolist() for x in tagged.image_labels(caps, parses, 2)] == [[0, 1], [0]]
+
+
+def test_label_dictionary_counted_over_train_and_dev_as_released(tmp_path):
+    """Released (Code_CASC vocab.py:65-85): nouns counted over the train and dev captions; 'train' = train only."""
+    caps = ["a dog on grass ."] * 5 + ["a dog and a ball ."] * 5
+    dev = ["a horse and a horse ."] * 5 + ["a horse on a hill ."] * 5  # nouns the training captions lack
+    tags = {"dog": "NOUN", "grass": "NOUN", "ball": "NOUN", "horse": "NOUN", "hill": "NOUN"}
+    both = LabelVocabulary.build(caps, _Parses(caps, tags), "nn", top_k=3, extra=[(dev, _Parses(dev, tags))])
+    assert both.words == ["horse", "dog", "ball"]  # horse 15, dog 10, ball 5 = grass 5 = hill 5 (by name)
+    assert LabelVocabulary.build(caps, _Parses(caps, tags), "nn", top_k=3).words == ["dog", "ball", "grass"]
+    # through the datamodule: the two settings are two artifacts, the default is the released one
+    root = tmp_path / "d"
+    write_split(root, "train", n_images=2, captions=caps)
+    write_split(root, "dev", n_images=2, captions=dev, seed=1)
+    words = {}
+    for counts in ("train+dev", "train"):
+        dm = PrecompDataModule(str(root), num_regions=4, feature_dim=8, with_labels=True, num_labels=3, num_workers=0,
+                               vocab_min_count=1, label_counts_from=counts)
+        dm.prepare_data()
+        words[counts] = dm.labels.words
+        assert dm.labels.pos_weights.shape == (len(dm.labels),)  # over the training images only
+    assert "horse" in words["train+dev"] and "horse" not in words["train"]
+    assert PrecompDataModule(str(root), with_labels=True).label_counts_from == "train+dev"
+    with pytest.raises(DataError, match="label_counts_from"):
+        PrecompDataModule(str(root), with_labels=True, label_counts_from="dev")
+    with pytest.raises(DataError, match="label_assignment"):
+        PrecompDataModule(str(root), with_labels=True, label_assignment="nouns")
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_num_labels_below_one_is_an_error(bad, tmp_path):
+    """Issue 19.2: -3 used to slice off the last three words silently."""
+    with pytest.raises(DataError, match="num_labels must be a whole number of at least 1"):
+        PrecompDataModule(str(tmp_path), with_labels=True, num_labels=bad)
+    with pytest.raises(ValueError, match="at least one label"):
+        _model(num_labels=bad)
 
 
 # ---- leak safety ----------------------------------------------------------------------------------------------------
@@ -503,3 +555,169 @@ def test_image_label_words_reads_the_label_dictionary(tmp_path):
     out = model.image_label_words(dm, [0, 4], k=3)
     assert len(out) == 2 and all(len(r) == 3 for r in out)
     assert all(w in NOUNS and 0 < s < 1 for r in out for w, s in r)
+
+
+# ---- the recipes follow the released code (Code_CASC at HEAD; issue 17) -----------------------------------------
+def _printed_config(recipe: Path, capsys, monkeypatch) -> dict:
+    import sys
+
+    import yaml
+
+    from zoo.cli import main
+
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    with pytest.raises(SystemExit) as e:  # --print_config exits after printing the merged config
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+RELEASED = {  # recipe -> {dotted key: released value}
+    "casc_synth.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
+                       "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
+                       "data.init_args.label_counts_from": "train+dev", "data.init_args.vocab_from": "train+dev"},
+    "casc_f30k.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
+                      "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
+                      "data.init_args.label_counts_from": "train+dev", "data.init_args.vocab_from": "train+dev"},
+    "casc_coco.yaml": {"model.init_args.lse_temperature": 5.0, "model.init_args.gradient_clipping": "per_group",
+                      "trainer.gradient_clip_val": 2.0, "data.init_args.label_assignment": "dictionary",
+                      "data.init_args.label_counts_from": "train+dev", "data.init_args.vocab_from": "train+dev", "trainer.max_epochs": 30,
+                      "model.init_args.lr_decay_epochs": 15},
+    "casc_base_f30k.yaml": {"model.init_args.lse_temperature": 5.0},
+    "casc_base_coco.yaml": {"model.init_args.lse_temperature": 5.0, "trainer.max_epochs": 30,
+                            "model.init_args.lr_decay_epochs": 15},
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RELEASED))
+def test_recipes_print_the_released_settings(recipe, capsys, monkeypatch):
+    merged = _printed_config(ROOT / "recipes" / recipe, capsys, monkeypatch)
+    for key, want in RELEASED[recipe].items():
+        node = merged
+        for part in key.split("."):
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert node == want, f"{recipe}: {key} = {node!r}, released {want!r}"
+    if merged["model"]["class_path"] == "zoo.methods.CASC":  # the best checkpoint by the local score, as released
+        ckpt = [c for c in merged["trainer"]["callbacks"] if c["class_path"].endswith("ZooCheckpoint")]
+        assert len(ckpt) == 1 and ckpt[0]["init_args"]["monitor"] == "val_local/rsum", recipe
+        assert merged["trainer"]["callbacks"][-1] is ckpt[0], "last, so --trainer.callbacks.init_args.monitor reaches it"
+
+
+def test_casc_defaults_to_the_released_lse_temperature():
+    assert CASC().hparams.lse_temperature == 5.0
+
+
+SHRINK_SYNTH = ["--data.init_args.n_train", "20", "--data.init_args.n_dev", "4", "--data.init_args.n_test", "4",
+                "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "4",
+                "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
+                "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",
+                "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8",
+                "--model.init_args.word_dim", "4", "--model.init_args.label_hidden", "8"]
+
+
+def test_best_checkpoint_is_selected_on_the_local_score_as_released(synth_root, tmp_path, monkeypatch):
+    """val_local/rsum = the validation rsum of S_loc alone (beta = 1), and the recipes' checkpoint monitor."""
+    from zoo.cli import ZooCLI
+    from zoo.engine.module import RetrievalModule
+
+    monkeypatch.chdir(tmp_path)
+    cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                 args=["--config", str(ROOT / "recipes" / "casc_synth.yaml"), "--data.init_args.root", str(synth_root),
+                       *SHRINK_SYNTH, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                       "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                       "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu"])
+    assert cli.trainer.checkpoint_callback.monitor == "val_local/rsum"
+    cli.trainer.fit(cli.model, cli.datamodule)
+    logged = cli.trainer.callback_metrics
+    assert {"val/rsum", "val_local/rsum"} <= set(logged)
+    assert float(cli.trainer.checkpoint_callback.best_model_score) == pytest.approx(float(logged["val_local/rsum"]))
+    model = cli.model
+    model.beta = 1.0  # the local score alone, through the ordinary evaluation
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (out,) = trainer.validate(model, cli.datamodule, verbose=False)
+    assert out["val/rsum"] == pytest.approx(float(logged["val_local/rsum"]), abs=1e-4)
+    assert out["val_local/rsum"] == pytest.approx(out["val/rsum"], abs=1e-4)
+
+
+def test_every_row_has_the_local_monitor_key(f64):
+    """Rows with one score part (CASC-base: no S_G; row 4: S_G alone) report their score as `local`."""
+    for kw in ({"global_branch": "none"}, {"local": "none"}, {}):
+        model = _model(**kw)
+        model.caps_per_image = 1
+        img, cap = _random_emb(model, n_cap=3, lengths=(4, 2, 3))
+        model.trainer = L.Trainer(accelerator="cpu", logger=False)  # not testing: validation's extra key
+        res = model.evaluate_embeddings(img, cap, torch.arange(3), torch.arange(3), 3)
+        model.beta = 1.0
+        assert res["local"] == (res["all"] if kw else model.evaluate_embeddings(img, cap, torch.arange(3),
+                                                                                torch.arange(3), 3)["all"]), kw
+
+
+@pytest.mark.parametrize("how", ["per_group", "joint"])
+def test_per_group_clipping_a_large_head_gradient_leaves_the_encoder_step(how):
+    """Released (Code_CASC model.py:493-495): encoders and label head clipped to norm 2 each."""
+    model = _model(gradient_clipping=how)
+    model.trainer = L.Trainer(accelerator="cpu", logger=False, gradient_clip_val=2.0)
+    opt = model.configure_optimizers()["optimizer"]
+    enc, head = opt.param_groups[0]["params"], opt.param_groups[1]["params"]
+    assert {id(p) for p in head} == {id(p) for p in model.label_head.parameters()}
+    g = torch.Generator().manual_seed(0)
+    for params, norm in ((enc, 1.0), (head, 1000.0)):  # encoders below the limit, the head far above it
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        total = torch.cat([x.flatten() for x in grads]).norm()
+        for p, x in zip(params, grads):
+            p.grad = x * (norm / total)
+    enc_before = [p.grad.clone() for p in enc]
+    model.configure_gradient_clipping(opt, 2.0, "norm")
+    group_norm = lambda ps: float(torch.cat([p.grad.flatten() for p in ps]).norm())  # noqa: E731
+    if how == "per_group":
+        assert all(torch.equal(p.grad, b) for p, b in zip(enc, enc_before))  # 1.0 < 2: untouched
+        assert group_norm(head) == pytest.approx(2.0, rel=1e-4)
+    else:  # one norm over both: the head's 1000 shrinks the encoders' gradient about 500 times
+        assert group_norm(enc) == pytest.approx(1.0 * 2.0 / math.hypot(1.0, 1000.0), rel=1e-3)
+        assert math.hypot(group_norm(enc), group_norm(head)) == pytest.approx(2.0, rel=1e-4)
+
+
+def test_another_label_dictionary_is_refused_at_test_resume_and_load(tmp_path):
+    """Issue 19.1: the dictionary was compared by size only (nn vs vb words of one size ran and scored)."""
+    _, dm = _label_data(tmp_path, num_labels=2, label_counts_from="train", test_split="dev")
+    _, other = _label_data(tmp_path, num_labels=2, label_counts_from="train", test_split="dev", label_pos="vb")
+    assert len(dm.labels) == len(other.labels) == 2 and dm.labels.words != other.labels.words
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, enable_checkpointing=False)
+    model = CASC(feature_dim=8, embed_dim=8, word_dim=4, label_hidden=4, fold_size=None)
+    L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, **kw).fit(model, dm)
+    trainer = L.Trainer(max_epochs=1, **kw)
+    trainer.strategy.connect(model)
+    ckpt = tmp_path / "casc.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["zoo_data"]
+    assert saved["label_words"] == dm.labels.words and saved["label_assignment"] == "dictionary"
+    fresh = lambda: CASC(feature_dim=8, embed_dim=8, word_dim=4, label_hidden=4, fold_size=None)  # noqa: E731
+    with pytest.raises(DataError, match="label dictionary is not the one the checkpoint was trained with"):
+        L.Trainer(**kw).test(fresh(), other, ckpt_path=str(ckpt), verbose=False)
+    with pytest.raises(DataError, match="label dictionary is not the one"):
+        L.Trainer(max_epochs=2, limit_train_batches=1, **kw).fit(fresh(), other, ckpt_path=str(ckpt))
+    loaded = CASC.load_from_checkpoint(str(ckpt))  # as zoo.engine.checkpoints.load_model (ensembles, pictures)
+    with pytest.raises(DataError, match="label dictionary is not the one"):
+        loaded.configure_from_data(other)
+    _, tagged = _label_data(tmp_path, num_labels=2, label_counts_from="train", test_split="dev", label_assignment="pos")
+    with pytest.raises(DataError, match="label_assignment"):
+        L.Trainer(**kw).test(fresh(), tagged, ckpt_path=str(ckpt), verbose=False)
+    L.Trainer(**kw).test(fresh(), dm, ckpt_path=str(ckpt), verbose=False)  # its own dictionary still works
+
+
+def test_word_vocabulary_from_train_and_dev_as_released(tmp_path):
+    """Code_CASC vocab.py:9-10 builds the word vocabulary over train + dev (data.vocab_from: train+dev)."""
+    root = tmp_path / "d"
+    write_split(root, "train", n_images=2, captions=["a dog on grass ."] * 10)
+    write_split(root, "dev", n_images=2, captions=["a zebra on grass ."] * 10, seed=1)
+    words = {}
+    for source in ("train", "train+dev"):
+        dm = PrecompDataModule(str(root), num_regions=4, feature_dim=8, num_workers=0, vocab_min_count=1,
+                               vocab_from=source)
+        dm.prepare_data()
+        words[source] = set(dm.vocab.idx2word)
+        assert dm.vocab_path.exists()
+    assert "zebra" in words["train+dev"] and "zebra" not in words["train"] and "dog" in words["train"]
+    with pytest.raises(DataError, match="vocab_from"):
+        PrecompDataModule(str(root), vocab_from="dev")

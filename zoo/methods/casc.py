@@ -15,12 +15,19 @@ follow the released code and the printed reading is one switch away:
 | Eq. 13 local term       | 1/2 (S_I2T + S_T2I)                             | local_fusion=sum                                 |
 | S_G                     | sg_reading=pair: cos(s(head(A^I)), s(head(A^T)))| sg_reading=caption_labels: cos(s(head(mean v)), Y_T) |
 | label-head lr           | 0.01 x 0.8^floor(epoch/3)                       | label_lr_decay=0.1, label_lr_decay_epochs=10     |
+| LSE temperature (I2T)   | 5 (train.py:79)                                 | (not printed; SCAN: 5 F30K / 20 COCO for i-t)    |
+| gradient clipping       | encoders and head each to norm 2 (model.py:493) | gradient_clipping=joint (one norm, Lightning's)  |
+| best checkpoint         | val_local/rsum, S_loc alone (train.py:216)      | recipe monitor val/rsum (fused, beta)            |
+| label assignment (data) | any dictionary token (data.py:72-76)            | data.label_assignment=pos                        |
+| dict./vocab counts      | train + dev captions (vocab.py:65-85)           | data.label_counts_from / data.vocab_from = train |
 
 Ablation switches (Tables I/II): local in {attention, max, none}, global_branch in {label, cosine, none}.
 """
 from __future__ import annotations
 
 import torch
+
+from datamodules.errors import DataError
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity, region_word_scores, triplet_ranking_loss
 from ..blocks.fast_attention import length_groups
@@ -65,22 +72,25 @@ class CASC(CASCBase):
         beta_sweep: also report the metrics at each of these betas from the same evaluation pass, logged as
             <stage>_beta<b>/<metric> (e.g. test_beta0.5/rsum); None = off.
         label_lr / label_lr_decay / label_lr_decay_epochs: the label head's parameter group schedule.
+        gradient_clipping: 'per_group' (released: the encoders and the label head each clipped to the trainer's
+            gradient_clip_val, Code_CASC model.py:493-495) or 'joint' (one norm over all parameters, Lightning's).
     """
 
     def __init__(self, vocab_size: int | None = None, num_labels: int | None = None, feature_dim: int = 2048,
                  embed_dim: int = 1024, word_dim: int = 300, local: str = "attention", global_branch: str = "label",
                  direction: str = "both", lambda_i2t: float = 4.0, lambda_t2i: float = 9.0,
-                 aggregation_i2t: str = "lse", aggregation_t2i: str = "mean", lse_temperature: float = 6.0,
+                 aggregation_i2t: str = "lse", aggregation_t2i: str = "mean", lse_temperature: float = 5.0,
                  score_norm: str = "clipped_l2", label_hidden: int = 512, alpha: float = 10.0,
                  label_reduction: str = "mean", positive_weights: bool = True, label_vectors: str = "attention",
                  sg_reading: str = "pair", beta: float = 0.8, local_fusion: str = "average",
                  beta_sweep: list[float] | None = None, label_lr: float = 0.01, label_lr_decay: float = 0.8,
-                 label_lr_decay_epochs: int = 3, **loop_kwargs):
+                 label_lr_decay_epochs: int = 3, gradient_clipping: str = "per_group", **loop_kwargs):
         super(CASCBase, self).__init__(**loop_kwargs)  # RetrievalModule: CASCBase.__init__ would build its own hparams
         checks = {"local": (local, LOCALS), "global_branch": (global_branch, GLOBALS),
                   "direction": (direction, ("both", "i2t", "t2i")), "sg_reading": (sg_reading, SG_READINGS),
                   "label_vectors": (label_vectors, ("attention", "mean")), "local_fusion": (local_fusion, ("average", "sum")),
-                  "label_reduction": (label_reduction, ("mean", "sum"))}
+                  "label_reduction": (label_reduction, ("mean", "sum")),
+                  "gradient_clipping": (gradient_clipping, ("per_group", "joint"))}
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"CASC {name} must be one of {allowed}, got {value!r}")
@@ -96,6 +106,8 @@ class CASC(CASCBase):
         self.text_encoder: BiGRUTextEncoder | None = None
         self.label_head: LabelHead | None = None
         self.label_words: list[str] | None = None  # the data's label dictionary, in head-output order
+        self.label_assignment: str | None = None  # how the data assigned labels (data.label_assignment)
+        self.label_source: str | None = None
         if vocab_size is not None:
             self._build_text(vocab_size)
         if num_labels is not None and global_branch == "label":
@@ -123,7 +135,12 @@ class CASC(CASCBase):
         if not self.uses_labels:
             return
         k = len(datamodule.labels)
-        self.label_words = list(datamodule.labels.words)
+        words = list(datamodule.labels.words)
+        assignment = getattr(datamodule.labels, "assignment", None)
+        source = str(getattr(datamodule, "label_path", "the data's label dictionary"))
+        if self.label_words is not None:  # loaded from a checkpoint first (load_model, ensembles, pictures)
+            self.check_label_dictionary(words, assignment, source, self.label_words, self.label_assignment)
+        self.label_words, self.label_assignment, self.label_source = words, assignment, source
         if self.label_head is None:
             self._build_labels(k)
         elif self.label_head.fc2.out_features != k:
@@ -132,16 +149,43 @@ class CASC(CASCBase):
         if self.hparams.positive_weights:
             self.pos_weight.copy_(datamodule.label_pos_weights.to(self.pos_weight))
 
+    @staticmethod
+    def check_label_dictionary(data_words: list[str], data_assignment: str | None, data_source: str | None,
+                               trained_words: list[str] | None, trained_assignment: str | None) -> None:
+        """Refuses data whose label ids would mean other words (or come from other tokens) than in training:
+        the head's outputs are the trained dictionary's words, compared word by word as the vocabulary is."""
+        if trained_words is not None and list(data_words) != list(trained_words):
+            diff = next((i for i, (a, b) in enumerate(zip(data_words, trained_words)) if a != b),
+                        min(len(data_words), len(trained_words)))
+            where = (f"label {diff} is {data_words[diff]!r} in the data but {trained_words[diff]!r} in training"
+                     if diff < min(len(data_words), len(trained_words)) else "one list is longer")
+            raise DataError(data_source, "this label dictionary is not the one the checkpoint was trained with "
+                            f"({len(trained_words)} labels in training, {len(data_words)} here; {where}), so the "
+                            "head's outputs would name other words than the caption vectors and targets",
+                            "use the training run's data.label_pos, data.num_labels, data.label_counts_from and "
+                            "label_stopwords (and its data)")
+        if trained_assignment is not None and data_assignment is not None and data_assignment != trained_assignment:
+            raise DataError(data_source, "the checkpoint was trained with data.label_assignment "
+                            f"{trained_assignment!r}, the data assigns labels by {data_assignment!r}",
+                            f"set data.label_assignment: {trained_assignment}")
+
     # the label dictionary travels with the weights: predicted labels (Fig. 4) are named without the data
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["zoo_data"]["label_words"] = self.label_words
+        checkpoint["zoo_data"]["label_assignment"] = self.label_assignment
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        words = checkpoint.get("zoo_data", {}).get("label_words")
-        if words is not None:
-            self.label_words = words
+        saved = checkpoint.get("zoo_data", {})
+        words = saved.get("label_words")
+        if words is None:
+            return
+        if self.label_words is not None:  # set at setup from the data (lightning test / fit resume): compare
+            self.check_label_dictionary(self.label_words, self.label_assignment, self.label_source, words,
+                                        saved.get("label_assignment"))
+        # checkpoints written before label_assignment existed assigned by part of speech ('pos')
+        self.label_words, self.label_assignment = words, saved.get("label_assignment", "pos")
 
     # ---- encoders -----------------------------------------------------------------------------------------------
     @property
@@ -287,15 +331,42 @@ class CASC(CASCBase):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
-    # ---- evaluation: the beta sweep from one pass ------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Released (Code_CASC model.py:493-495): clip_grad_norm_ of the encoders and of the label head separately,
+        each to gradient_clip_val, so a large label-head gradient does not shrink the encoders' step. The two
+        groups are the optimiser's parameter groups (configure_optimizers). `gradient_clipping: joint` = one norm."""
+        if self.hparams.gradient_clipping == "joint" or self.label_head is None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"CASC gradient_clipping: per_group clips norms; trainer.gradient_clip_algorithm is "
+                             f"{gradient_clip_algorithm!r}: use 'norm', or model.gradient_clipping: joint")
+        for group in optimizer.param_groups:  # gradients are unscaled here under 16-mixed (Lightning unscales first)
+            torch.nn.utils.clip_grad_norm_(group["params"], float(gradient_clip_val))
+
+    # ---- evaluation: the beta sweep and the local-only metrics from one pass --------------------------------------
+    @property
+    def _has_both_parts(self) -> bool:
+        return self.hparams.local != "none" and self.hparams.global_branch != "none"
+
+    def _wants_local_metrics(self) -> bool:
+        """Validation also reports S_loc alone (`val_local/rsum`), the released code's checkpoint selection
+        (Code_CASC train.py:216 validates without the label model); tests report it only with a beta sweep."""
+        return self._trainer is not None and not self.trainer.testing
+
     @torch.no_grad()
     def evaluate_embeddings(self, img: Emb, cap: Emb, image_ids: torch.Tensor, caption_ids: torch.Tensor,
                             n_images: int, progress: bool = False) -> dict[str, dict[str, float]]:
-        """The shared evaluation; with beta_sweep, also the metrics at every beta, from the S_loc and S_G blocks
-        recorded while the shared loop scored the grid (no second scoring pass)."""
-        betas = self.beta_sweep
+        """The shared evaluation; with beta_sweep, also the metrics at every beta, and in validation the metrics
+        of S_loc alone as `local` (logged val_local/rsum), from the S_loc and S_G blocks recorded while the shared
+        loop scored the grid (no second scoring pass). A row with one score part only (no S_G, or S_G alone)
+        reports its score as `local` too, so every row has the key the recipes monitor."""
+        betas = [(f"beta{float(b):g}", float(b)) for b in (self.beta_sweep or [])]
+        local = self._wants_local_metrics()
+        if local and self._has_both_parts:
+            betas.append(("local", 1.0))  # fuse(S_loc, S_G, 1) = S_loc
         if not betas:
-            return super().evaluate_embeddings(img, cap, image_ids, caption_ids, n_images, progress)
+            results = super().evaluate_embeddings(img, cap, image_ids, caption_ids, n_images, progress)
+            return self._alias_local(results) if local else results
         seen = torch.unique(gather_padded(image_ids))
         self._recording = []
         try:
@@ -324,12 +395,19 @@ class CASC(CASCBase):
                 if grids[g] is None:
                     grids[g] = torch.empty(rows_ids.numel(), n_images * k, dtype=torch.float32, device=part.device)
                 grids[g][row_of[i_ids][:, None], cap_pos(c_ids)[None, :]] = part.float()
-        for beta in betas:
-            sims = fuse(grids[0], grids[1], float(beta)) if blocks else torch.empty(0, n_images * k, device=device)
+        for name, beta in betas:
+            sims = fuse(grids[0], grids[1], beta) if blocks else torch.empty(0, n_images * k, device=device)
             metric = RetrievalMetrics(k, self.fold_size).to(sims.device)
             metric.update(sims, img_pos(rows_ids))  # every rank updates (possibly empty): compute() gathers
             for split, m in metric.compute().items():
-                results[f"beta{float(beta):g}" + ("" if split == "all" else f"_{split}")] = m
+                results[name + ("" if split == "all" else f"_{split}")] = m
+        return self._alias_local(results) if local and not self._has_both_parts else results
+
+    @staticmethod
+    def _alias_local(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        base = [s for s in results if s == "all" or not (s.startswith("beta") or s.startswith("local"))]
+        for split in base:
+            results["local" if split == "all" else f"local_{split}"] = dict(results[split])
         return results
 
     # ---- predicted labels (Fig. 4) ----------------------------------------------------------------------------------
