@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def train_tiny(recipe: str, root: Path, out: Path, extra=(), steps: int = 3) -> Path:
     """A checkpoint of `recipe` trained `steps` steps on a tiny SynthScenes generated into `root`."""
     shrink = ["--data.init_args.root", str(root), "--data.init_args.n_train", "24", "--data.init_args.n_dev", "4",
-              "--data.init_args.n_test", "12", "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "5",
+              "--data.init_args.n_test", "12", "--data.init_args.feature_dim", "16",
+              "--data.init_args.num_regions", "5",
               "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
               "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",
-              "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8", "--model.init_args.word_dim", "4",
+              "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8",
+              "--model.init_args.word_dim", "4",
               *extra]
     cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
                  args=["--config", str(ROOT / "recipes" / recipe), *shrink])
@@ -290,7 +292,8 @@ def _browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("chromium / chromedriver missing: `.ci/run` installs them (apt-get install chromium chromium-driver)")
+        pytest.skip("chromium / chromedriver missing: `.ci/run` installs them "
+                    "(apt-get install chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
 

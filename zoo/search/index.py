@@ -90,7 +90,8 @@ def vocabulary_digest(words: list[str] | None) -> str | None:
 
 
 # ---- data: the gallery's split and a query's own item -------------------------------------------------------------
-def gallery_datamodule(model: RetrievalModule, root: str | Path, split: str, parser: str = "spacy") -> PrecompDataModule:
+def gallery_datamodule(model: RetrievalModule, root: str | Path, split: str,
+                       parser: str = "spacy") -> PrecompDataModule:
     """The split served with what the method reads (boxes, graphs, sub-words) and the checkpoint's own vocabulary."""
     shape = open_npy(split_paths(root, split)["ims"]).shape
     hp = model.hparams
@@ -155,7 +156,8 @@ class IndexWriter:
 
     Used by build_index (a checkpoint over a split) and by the scale benchmark (random embeddings)."""
 
-    def __init__(self, out: str | Path, meta: dict, shapes: dict[str, tuple[tuple[int, ...], np.dtype]], global_dim: int,
+    def __init__(self, out: str | Path, meta: dict, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
+                 global_dim: int,
                  n_chunks: int, resume: bool):
         self.out = Path(out)
         self.meta = meta
@@ -163,7 +165,8 @@ class IndexWriter:
         mode = "r+" if resume else "w+"
         self.arrays = {k: np.lib.format.open_memmap(self.out / f"emb_{k}.npy", mode=mode, dtype=dt, shape=(n, *s))
                        for k, (s, dt) in shapes.items()}
-        self.glob = np.lib.format.open_memmap(self.out / "global.npy", mode=mode, dtype=np.float32, shape=(n, global_dim))
+        self.glob = np.lib.format.open_memmap(self.out / "global.npy", mode=mode, dtype=np.float32,
+                                              shape=(n, global_dim))
         self.n_chunks = n_chunks
 
     @classmethod
@@ -231,7 +234,8 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
     """Encodes the split's images (side="images") or captions (side="captions") with the checkpoint, `chunk` images
     at a time, into the folder `out`. Run again after an interruption, it resumes from the last chunk written.
     first_stage: another checkpoint whose global_embedding gives the stage-1 vectors (e.g. a global model in front
-    of a cross-attention re-ranker); the query is then encoded by both. shard (i, n): only the i-th of n contiguous parts of the split's images (or of their captions); a query over
+    of a cross-attention re-ranker); the query is then encoded by both. shard (i, n): only the i-th of n contiguous
+    parts of the split's images (or of their captions); a query over
     the n folders (ShardedIndex) merges their candidates. stop_after: stop after this many chunks as an interruption
     would (tests)."""
     i_shard, n_shards = shard
@@ -287,7 +291,8 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
         meta = {**asdict(args), "method": f"{type(model).__module__}.{type(model).__qualname__}",
                 "vocab": model.vocab_words, "vocab_sha256": vocabulary_digest(model.vocab_words),
                 "caps_per_image": k, "n_items": items, "n_split_items": len(ds) * (1 if side == "images" else k),
-                "offset": offset, "ids": ids, "first_stage": str(Path(first_stage).resolve()) if first_stage else None, "captions": captions, "parser": parser}
+                "offset": offset, "ids": ids, "first_stage": str(Path(first_stage).resolve()) if first_stage else None,
+                "captions": captions, "parser": parser}
         writer = IndexWriter.create(out, meta, shapes, int(g.shape[1]), n_chunks)
     else:
         writer = IndexWriter.reopen(out, old)
@@ -363,7 +368,8 @@ class Index:
             faiss.extract_index_ivf(self.faiss).nprobe = min(IVF_NPROBE, faiss.extract_index_ivf(self.faiss).nlist)
         if self.faiss.ntotal != self.n or self.faiss.d != meta["global_dim"]:
             raise DataError(self.folder / "index.faiss", f"the index is corrupt (FAISS holds {self.faiss.ntotal} "
-                            f"vectors of {self.faiss.d} dims, meta.json says {self.n} of {meta['global_dim']})", REBUILD)
+                            f"vectors of {self.faiss.d} dims, meta.json says {self.n} of {meta['global_dim']})",
+                            REBUILD)
         self.device = torch.device(device)
         if model is None:
             ckpt = Path(ckpt if ckpt is not None else meta["checkpoint"])
@@ -379,7 +385,8 @@ class Index:
             model = load_model(ckpt)
         if vocabulary_digest(model.vocab_words) != meta.get("vocab_sha256"):
             n_model = len(model.vocab_words) if model.vocab_words else 0
-            raise DataError(self.folder / "meta.json", f"the index was built with another vocabulary ({len(meta['vocab'] or [])} "
+            raise DataError(self.folder / "meta.json", "the index was built with another vocabulary "
+                            f"({len(meta['vocab'] or [])} "
                             f"words) than the checkpoint's ({n_model} words): word ids would mean other words",
                             "rebuild the index with this checkpoint, or query with the one it was built from")
         self.model = model.to(self.device).eval()
@@ -441,8 +448,8 @@ class Index:
         if "subwords" in req:
             from datamodules.datasets import SubwordCaptions
 
-            item["subword_ids"], item["subword_to_word"] = SubwordCaptions([text],
-                                                                           self.datamodule(model).subword_tokenizer_obj)[0]
+            tok = self.datamodule(model).subword_tokenizer_obj
+            item["subword_ids"], item["subword_to_word"] = SubwordCaptions([text], tok)[0]
         if getattr(model, "sg_reading", None) == "caption_labels":
             raise ValueError(f"{type(model).__name__} with sg_reading caption_labels reads the caption's ground-truth "
                              "labels, which a typed query has not: search with another reading")
@@ -545,12 +552,14 @@ class ShardedIndex:
             for key in ("checkpoint_sha256", "first_stage_sha256", "split", "side", "vocab_sha256", "n_split_items",
                         "global_dim"):
                 if s.meta.get(key) != first.get(key):
-                    raise DataError(s.folder, f"this shard's {key} ({s.meta.get(key)}) differs from {self.shards[0].folder}'s "
-                                    f"({first.get(key)}): not shards of one index", "query the shards of one build together")
+                    raise DataError(s.folder, f"this shard's {key} ({s.meta.get(key)}) differs from "
+                                    f"{self.shards[0].folder}'s ({first.get(key)}): not shards of one index",
+                                    "query the shards of one build together")
         covered = [(s.offset, s.offset + s.n) for s in self.shards]
         total = first.get("n_split_items", self.shards[0].n)
         if covered[0][0] != 0 or any(a[1] != b[0] for a, b in zip(covered, covered[1:])) or covered[-1][1] != total:
-            raise DataError(self.shards[0].folder, f"the shards cover items {covered} of 0..{total - 1}: some are missing "
+            raise DataError(self.shards[0].folder, f"the shards cover items {covered} of 0..{total - 1}: some are "
+                            "missing "
                             "or given twice", "pass every shard folder of the build once (--shard 0/n ... n-1/n)")
         self.n, self.side, self.model = total, self.shards[0].side, self.shards[0].model
         for s in self.shards[1:]:
