@@ -101,6 +101,10 @@ def gallery_datamodule(model: RetrievalModule, root: str | Path, split: str,
                            subword_tokenizer=sub, parser=parser, caps_per_image=model.caps_per_image, **opts)
     if model.vocab_words is not None:
         dm.use_vocabulary(Vocabulary.from_words(model.vocab_words))
+    if dm.needs_parses:  # graphs / POS of this split (the vocabulary comes from the checkpoint: no prepare_data)
+        from datamodules.prepare import ensure_parsed
+
+        ensure_parsed(root, dm.cache_dir, split, parser, progress=False)
     return dm
 
 
