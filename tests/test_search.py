@@ -198,6 +198,13 @@ def test_two_stage_equals_exhaustive_for_casc_and_cccl(recipe, extra, tmp_path, 
         two = idx.query(**query, k=idx.n, rerank=idx.n)
         assert [(h.id, h.score) for h in two.hits] == [(h.id, h.score) for h in exact.hits]
         assert np.isfinite([h.score for h in exact.hits]).all()
+    if recipe.startswith("cccl"):  # CCCL's first stage: its global branch's vectors (Eqs. 13-14), unit length
+        model = load_model(ckpt)
+        dm = gallery_datamodule(model, root, "fresh")
+        with torch.no_grad():
+            img = model.encode_images(collate([dm.dataset("test")[i] for i in range(3)]))
+        g = model.global_embedding(img, "images")
+        assert torch.allclose(g, img["global"] / img["global"].norm(dim=-1, keepdim=True), atol=1e-6)
 
 
 def test_quality_table_two_stage_reaches_exact_at_full_rerank(casc_base, tmp_path):
