@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def train_tiny(recipe: str, root: Path, out: Path, extra=(), steps: int = 3) -> Path:
     """A checkpoint of `recipe` trained `steps` steps on a tiny SynthScenes generated into `root`."""
     shrink = ["--data.init_args.root", str(root), "--data.init_args.n_train", "24", "--data.init_args.n_dev", "4",
-              "--data.init_args.n_test", "12", "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "5",
+              "--data.init_args.n_test", "12", "--data.init_args.feature_dim", "16",
+              "--data.init_args.num_regions", "5",
               "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
               "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",
-              "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8", "--model.init_args.word_dim", "4",
+              "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8",
+              "--model.init_args.word_dim", "4",
               *extra]
     cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
                  args=["--config", str(ROOT / "recipes" / recipe), *shrink])
@@ -188,12 +190,21 @@ def test_command_build_and_query_json(casc_base, tmp_path, capsys):
 def test_two_stage_equals_exhaustive_for_casc_and_cccl(recipe, extra, tmp_path, one_thread):
     root = tmp_path / "ss"
     ckpt = train_tiny(recipe, root, tmp_path, extra, steps=1)
+    for name in ("ims.npy", "boxes.npy", "caps.txt"):  # a split nothing has parsed yet (CCCL's graphs: parsed here)
+        shutil.copy(root / f"test_{name}", root / f"fresh_{name}")
     for side, query in (("images", {"text": "a red dog to the left of a ball"}), ("captions", {"image": 1})):
-        idx = Index(build_index(ckpt, root, "test", side, tmp_path / side, chunk=5, progress=False))
+        idx = Index(build_index(ckpt, root, "fresh", side, tmp_path / side, chunk=5, progress=False))
         exact = idx.query(**query, k=idx.n, rerank=None)
         two = idx.query(**query, k=idx.n, rerank=idx.n)
         assert [(h.id, h.score) for h in two.hits] == [(h.id, h.score) for h in exact.hits]
         assert np.isfinite([h.score for h in exact.hits]).all()
+    if recipe.startswith("cccl"):  # CCCL's first stage: its global branch's vectors (Eqs. 13-14), unit length
+        model = load_model(ckpt)
+        dm = gallery_datamodule(model, root, "fresh")
+        with torch.no_grad():
+            img = model.encode_images(collate([dm.dataset("test")[i] for i in range(3)]))
+        g = model.global_embedding(img, "images")
+        assert torch.allclose(g, img["global"] / img["global"].norm(dim=-1, keepdim=True), atol=1e-6)
 
 
 def test_quality_table_two_stage_reaches_exact_at_full_rerank(casc_base, tmp_path):
@@ -283,3 +294,90 @@ def test_approximate_first_stage_options(casc_base, image_index, tmp_path, ann):
     exact = Index(image_index).query(text=text, k=12, rerank=None)
     got = idx.query(text=text, k=12, rerank=12)
     assert idx.meta["ann"] == ann and [h.id for h in got.hits] == [h.id for h in exact.hits]
+
+
+def _browser():
+    """Debian's chromium + chromium-driver (`.ci/run` installs them when missing) driven by selenium, headless."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("chromium / chromedriver missing: `.ci/run` installs them "
+                    "(apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
+
+
+@pytest.mark.slow
+def test_page_in_a_headless_browser(casc_base, image_index, tmp_path):
+    import socket
+    import threading
+    import time
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from zoo.search import ShardedIndex
+    from zoo.search.serve import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(ShardedIndex.open([image_index])), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    browser = _browser()
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        assert browser.title == "zoo-search"
+        box = browser.find_element(By.ID, "q")
+        box.send_keys("a red dog and a ball")
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "results").get_attribute("data-count"))
+        hits = browser.find_elements(By.CSS_SELECTOR, "#results .hit")
+        assert len(hits) == 10 and hits[0].find_element(By.CSS_SELECTOR, ".rank").text == "1"
+        assert len(hits[0].find_elements(By.CSS_SELECTOR, "svg rect")) == 5  # the 5 region boxes, shaded
+        shot = tmp_path / "page.png"
+        browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:4] == b"\x89PNG"
+    finally:
+        browser.quit()
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_first_stage_from_another_checkpoint(casc_base, image_index, tmp_path):
+    from zoo.search.index import FIRST_STAGE
+
+    ckpt, root, _ = casc_base
+    other = tmp_path / "first.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    for name in state["state_dict"]:
+        if name.startswith("image_encoder"):
+            state["state_dict"][name] = state["state_dict"][name] * -1.5
+    torch.save(state, other)
+    idx = Index(build_index(ckpt, root, "test", "images", tmp_path / "fs", chunk=5, progress=False, first_stage=other))
+    fs_model = load_model(other)
+    dm = gallery_datamodule(fs_model, root, "test")
+    with torch.no_grad():
+        want = fs_model.global_embedding(fs_model.encode_images(collate([dm.dataset("test")[i] for i in range(12)])),
+                                         "images")
+    assert np.allclose(idx.glob[:], want.numpy(), atol=1e-6)
+    assert not np.allclose(idx.glob[:], Index(image_index).glob[:], atol=1e-3)
+    text = idx.meta["captions"][2][0]
+    q, _ = idx.encode_text(text)
+    assert FIRST_STAGE in q and q[FIRST_STAGE].shape == (1, want.shape[1])
+    exact = Index(image_index).query(text=text, k=12, rerank=None)  # stage 2 is still the main checkpoint's score
+    got = idx.query(text=text, k=12, rerank=12)
+    assert [(h.id, h.score) for h in got.hits] == [(h.id, h.score) for h in exact.hits]

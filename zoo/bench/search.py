@@ -100,8 +100,8 @@ def bench_full(n: int, args, out: Path) -> list[dict]:
             qs = [{"words": torch.nn.functional.normalize(torch.randn(1, 14, args.dim, generator=g), dim=-1),
                    "lengths": torch.tensor([14])} for _ in range(args.queries)]
         else:
-            qs = [{"regions": torch.nn.functional.normalize(torch.randn(1, args.regions, args.dim, generator=g), dim=-1)}
-                  for _ in range(args.queries)]
+            qs = [{"regions": torch.nn.functional.normalize(torch.randn(1, args.regions, args.dim, generator=g),
+                                                            dim=-1)} for _ in range(args.queries)]
         with PeakMemory(torch.device("cpu")) as pm:
             p50, p99 = _latency(lambda q: idx.query(query_emb=qs[q], k=10, rerank=args.rerank), args.queries)
         row = {"n": n, "direction": direction, "mode": f"two-stage rerank={args.rerank}", "build_s": build_s,

@@ -28,7 +28,7 @@ def _build(args) -> None:
     except ValueError:
         raise ValueError(f"--shard must read i/n (e.g. 0/2), got {args.shard!r}") from None
     out = build_index(args.ckpt, args.root, args.split, args.side, args.out, chunk=args.chunk, ann=args.ann,
-                      progress=not args.no_progress, parser=args.parser, shard=(i, n))
+                      progress=not args.no_progress, parser=args.parser, shard=(i, n), first_stage=args.first_stage)
     print(f"index written to {out}")
 
 
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--ann", choices=["flat", "ivf", "hnsw"], default="flat",
                    help="first-stage FAISS index: exact inner product (default), or approximate IVF-Flat (trained on "
                    "the gallery) / HNSW (README, Search: from about 100k items)")
+    b.add_argument("--first-stage", default=None, metavar="C2",
+                   help="take the stage-1 vectors from this checkpoint's global_embedding (e.g. a global model)")
     b.add_argument("--parser", default="spacy", help="dependency parser of methods that read graphs (CCCL)")
     b.add_argument("--shard", default="0/1", help="i/n: build only the i-th of n parts of the gallery (query the "
                    "n folders together)")

@@ -45,6 +45,7 @@ FORMAT = 1
 SIDES = ("images", "captions")
 ANN = ("flat", "ivf", "hnsw")
 IVF_NPROBE = 32  # inverted lists an IVF query visits (of about sqrt(n))
+FIRST_STAGE = "_first_stage"  # a query's stage-1 vector from another checkpoint (build_index(first_stage=C2))
 SCORE_BLOCK = 512  # gallery items per `score` call (stage 2 and the exhaustive reference alike)
 REBUILD = "delete the folder and build it again (`zoo-search build ...`)"
 
@@ -89,7 +90,8 @@ def vocabulary_digest(words: list[str] | None) -> str | None:
 
 
 # ---- data: the gallery's split and a query's own item -------------------------------------------------------------
-def gallery_datamodule(model: RetrievalModule, root: str | Path, split: str, parser: str = "spacy") -> PrecompDataModule:
+def gallery_datamodule(model: RetrievalModule, root: str | Path, split: str,
+                       parser: str = "spacy") -> PrecompDataModule:
     """The split served with what the method reads (boxes, graphs, sub-words) and the checkpoint's own vocabulary."""
     shape = open_npy(split_paths(root, split)["ims"]).shape
     hp = model.hparams
@@ -99,6 +101,10 @@ def gallery_datamodule(model: RetrievalModule, root: str | Path, split: str, par
                            subword_tokenizer=sub, parser=parser, caps_per_image=model.caps_per_image, **opts)
     if model.vocab_words is not None:
         dm.use_vocabulary(Vocabulary.from_words(model.vocab_words))
+    if dm.needs_parses:  # graphs / POS of this split (the vocabulary comes from the checkpoint: no prepare_data)
+        from datamodules.prepare import ensure_parsed
+
+        ensure_parsed(root, dm.cache_dir, split, parser, progress=False)
     return dm
 
 
@@ -121,6 +127,7 @@ class BuildArgs:
     chunk: int
     ann: str
     shard: list[int]
+    first_stage_sha256: str | None
 
     def same_build(self, meta: dict) -> bool:
         return all(meta.get(k) == v for k, v in asdict(self).items() if k not in ("checkpoint", "root"))
@@ -153,7 +160,8 @@ class IndexWriter:
 
     Used by build_index (a checkpoint over a split) and by the scale benchmark (random embeddings)."""
 
-    def __init__(self, out: str | Path, meta: dict, shapes: dict[str, tuple[tuple[int, ...], np.dtype]], global_dim: int,
+    def __init__(self, out: str | Path, meta: dict, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
+                 global_dim: int,
                  n_chunks: int, resume: bool):
         self.out = Path(out)
         self.meta = meta
@@ -161,7 +169,8 @@ class IndexWriter:
         mode = "r+" if resume else "w+"
         self.arrays = {k: np.lib.format.open_memmap(self.out / f"emb_{k}.npy", mode=mode, dtype=dt, shape=(n, *s))
                        for k, (s, dt) in shapes.items()}
-        self.glob = np.lib.format.open_memmap(self.out / "global.npy", mode=mode, dtype=np.float32, shape=(n, global_dim))
+        self.glob = np.lib.format.open_memmap(self.out / "global.npy", mode=mode, dtype=np.float32,
+                                              shape=(n, global_dim))
         self.n_chunks = n_chunks
 
     @classmethod
@@ -224,10 +233,13 @@ def _read_json(path: Path, folder: Path) -> dict:
 
 def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", side: str = "images",
                 out: str | Path = "index", chunk: int = 256, ann: str = "flat", progress: bool = True,
-                stop_after: int | None = None, parser: str = "spacy", shard: tuple[int, int] = (0, 1)) -> Path:
+                stop_after: int | None = None, parser: str = "spacy", shard: tuple[int, int] = (0, 1),
+                first_stage: str | Path | None = None) -> Path:
     """Encodes the split's images (side="images") or captions (side="captions") with the checkpoint, `chunk` images
     at a time, into the folder `out`. Run again after an interruption, it resumes from the last chunk written.
-    shard (i, n): only the i-th of n contiguous parts of the split's images (or of their captions); a query over
+    first_stage: another checkpoint whose global_embedding gives the stage-1 vectors (e.g. a global model in front
+    of a cross-attention re-ranker); the query is then encoded by both. shard (i, n): only the i-th of n contiguous
+    parts of the split's images (or of their captions); a query over
     the n folders (ShardedIndex) merges their candidates. stop_after: stop after this many chunks as an interruption
     would (tests)."""
     i_shard, n_shards = shard
@@ -238,9 +250,11 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
     if ann not in ANN:
         raise ValueError(f"ann must be one of {ANN}, got {ann!r}")
     check_checkpoint(str(checkpoint))
+    if first_stage is not None:
+        check_checkpoint(str(first_stage))
     out = Path(out)
     args = BuildArgs(str(Path(checkpoint).resolve()), sha256_file(checkpoint), str(Path(root).resolve()), split, side,
-                     chunk, ann, [i_shard, n_shards])
+                     chunk, ann, [i_shard, n_shards], sha256_file(first_stage) if first_stage is not None else None)
     old = _read_json(out / "meta.json", out) if (out / "meta.json").exists() else None
     if old is not None and not args.same_build(old):
         raise DataError(out, "the folder holds another index (other checkpoint, split, side, chunk, ann or shard)",
@@ -250,6 +264,15 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
     model = load_model(checkpoint)
     dm = gallery_datamodule(model, root, split, parser)
     ds = dm.dataset("test")
+    fs_model = load_model(first_stage) if first_stage is not None else model
+    fs_dm = gallery_datamodule(fs_model, root, split, parser) if first_stage is not None else dm
+    fs_ds, fs_col = fs_dm.dataset("test"), dict(with_pos=fs_dm.with_pos, with_graphs=fs_dm.with_graphs)
+
+    def stage1(emb: dict, items: range) -> torch.Tensor:
+        if first_stage is None:
+            return model.global_embedding(emb, side)
+        return fs_model.global_embedding(_encode(fs_model, collate([fs_ds[i] for i in items], **fs_col), side), side)
+
     data = dm.split_data("test")
     k = data.caps_per_image
     lo, hi = i_shard * len(ds) // n_shards, (i_shard + 1) * len(ds) // n_shards  # this shard's images
@@ -263,7 +286,7 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
         longest = int(np.argmax(np.diff(ds.tokens.offsets)))
         probe = _encode(model, collate([ds[longest // k]], **col), side)
         shapes = {key: (tuple(v.shape[1:]), _store_dtype(v)) for key, v in probe.items()}
-        g = model.global_embedding(probe, side)
+        g = stage1(probe, range(longest // k, longest // k + 1))
         items = n_images if side == "images" else n_images * k
         offset = lo if side == "images" else lo * k  # the id of this shard's first item in the split
         ids = list(range(offset, offset + items))
@@ -272,7 +295,8 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
         meta = {**asdict(args), "method": f"{type(model).__module__}.{type(model).__qualname__}",
                 "vocab": model.vocab_words, "vocab_sha256": vocabulary_digest(model.vocab_words),
                 "caps_per_image": k, "n_items": items, "n_split_items": len(ds) * (1 if side == "images" else k),
-                "offset": offset, "ids": ids, "captions": captions, "parser": parser}
+                "offset": offset, "ids": ids, "first_stage": str(Path(first_stage).resolve()) if first_stage else None,
+                "captions": captions, "parser": parser}
         writer = IndexWriter.create(out, meta, shapes, int(g.shape[1]), n_chunks)
     else:
         writer = IndexWriter.reopen(out, old)
@@ -282,7 +306,7 @@ def build_index(checkpoint: str | Path, root: str | Path, split: str = "test", s
             return out
         a, b = c * chunk, min(n_images, (c + 1) * chunk)
         emb = _encode(model, collate([ds[lo + i] for i in range(a, b)], **col), side)
-        glob = model.global_embedding(emb, side).float().cpu().numpy()
+        glob = stage1(emb, range(lo + a, lo + b)).float().cpu().numpy()
         arrays = {key: v.cpu().numpy().astype(writer.arrays[key].dtype) for key, v in emb.items()}
         writer.write(c, a if side == "images" else a * k, arrays, glob)
     writer.finish(ann)
@@ -348,7 +372,8 @@ class Index:
             faiss.extract_index_ivf(self.faiss).nprobe = min(IVF_NPROBE, faiss.extract_index_ivf(self.faiss).nlist)
         if self.faiss.ntotal != self.n or self.faiss.d != meta["global_dim"]:
             raise DataError(self.folder / "index.faiss", f"the index is corrupt (FAISS holds {self.faiss.ntotal} "
-                            f"vectors of {self.faiss.d} dims, meta.json says {self.n} of {meta['global_dim']})", REBUILD)
+                            f"vectors of {self.faiss.d} dims, meta.json says {self.n} of {meta['global_dim']})",
+                            REBUILD)
         self.device = torch.device(device)
         if model is None:
             ckpt = Path(ckpt if ckpt is not None else meta["checkpoint"])
@@ -364,11 +389,20 @@ class Index:
             model = load_model(ckpt)
         if vocabulary_digest(model.vocab_words) != meta.get("vocab_sha256"):
             n_model = len(model.vocab_words) if model.vocab_words else 0
-            raise DataError(self.folder / "meta.json", f"the index was built with another vocabulary ({len(meta['vocab'] or [])} "
+            raise DataError(self.folder / "meta.json", "the index was built with another vocabulary "
+                            f"({len(meta['vocab'] or [])} "
                             f"words) than the checkpoint's ({n_model} words): word ids would mean other words",
                             "rebuild the index with this checkpoint, or query with the one it was built from")
         self.model = model.to(self.device).eval()
-        self._dm = None
+        self.fs_model = None  # the first-stage checkpoint's model, where the index was built with one
+        if meta.get("first_stage_sha256"):
+            fs = Path(meta["first_stage"])
+            check_checkpoint(str(fs))
+            if check_sha and sha256_file(fs) != meta["first_stage_sha256"]:
+                raise DataError(fs, f"this first-stage checkpoint is not the one the index {self.folder} was built "
+                                "with (sha256 differs)", "rebuild the index with --first-stage pointing at it")
+            self.fs_model = load_model(fs).to(self.device).eval()
+        self._dm: dict[int, PrecompDataModule] = {}
 
     def _open(self, name: str, shape: tuple, dtype: str) -> np.ndarray:
         path = self.folder / name
@@ -384,14 +418,23 @@ class Index:
         return a
 
     # ---- the query's own item --------------------------------------------------------------------------------------
-    def datamodule(self) -> PrecompDataModule:
-        if self._dm is None:
-            self._dm = gallery_datamodule(self.model, self.meta["root"], self.meta["split"], self.meta.get("parser", "spacy"))
-        return self._dm
+    def datamodule(self, model: RetrievalModule | None = None) -> PrecompDataModule:
+        model = model or self.model
+        if id(model) not in self._dm:
+            self._dm[id(model)] = gallery_datamodule(model, self.meta["root"], self.meta["split"],
+                                                     self.meta.get("parser", "spacy"))
+        return self._dm[id(model)]
 
-    def encode_text(self, text: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """The caption side of a text query, and its words the checkpoint's vocabulary does not hold (read as <unk>)."""
-        model = self.model
+    def encode_text(self, text: str, model: RetrievalModule | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The caption side of a text query, and its words the checkpoint's vocabulary does not hold (read as <unk>).
+        With a first-stage checkpoint, its global vector of the query rides along (key FIRST_STAGE)."""
+        if model is None and self.fs_model is not None:
+            emb, oov = self.encode_text(text, self.model)
+            fs_emb, _ = self.encode_text(text, self.fs_model)
+            with torch.no_grad():
+                emb[FIRST_STAGE] = self.fs_model.global_embedding(fs_emb, "captions")
+            return emb, oov
+        model = model or self.model
         words = tokenize(text)
         if not words:
             raise ValueError("empty query: type a few words")
@@ -409,7 +452,8 @@ class Index:
         if "subwords" in req:
             from datamodules.datasets import SubwordCaptions
 
-            item["subword_ids"], item["subword_to_word"] = SubwordCaptions([text], self.datamodule().subword_tokenizer_obj)[0]
+            tok = self.datamodule(model).subword_tokenizer_obj
+            item["subword_ids"], item["subword_to_word"] = SubwordCaptions([text], tok)[0]
         if getattr(model, "sg_reading", None) == "caption_labels":
             raise ValueError(f"{type(model).__name__} with sg_reading caption_labels reads the caption's ground-truth "
                              "labels, which a typed query has not: search with another reading")
@@ -417,15 +461,22 @@ class Index:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return _encode(model, batch, "captions"), oov
 
-    def encode_image(self, image_id: int) -> dict[str, torch.Tensor]:
-        """The image side of an image query: image `image_id` of the index's root/split."""
-        ds = self.datamodule().dataset("test")
+    def encode_image(self, image_id: int, model: RetrievalModule | None = None) -> dict[str, torch.Tensor]:
+        """The image side of an image query: image `image_id` of the index's root/split (with a first-stage
+        checkpoint, its global vector under key FIRST_STAGE)."""
+        if model is None and self.fs_model is not None:
+            emb = self.encode_image(image_id, self.model)
+            with torch.no_grad():
+                emb[FIRST_STAGE] = self.fs_model.global_embedding(self.encode_image(image_id, self.fs_model), "images")
+            return emb
+        model = model or self.model
+        dm = self.datamodule(model)
+        ds = dm.dataset("test")
         if not 0 <= image_id < len(ds):
             raise IndexError(f"--image-id {image_id}: {self.meta['split']} has images 0..{len(ds) - 1}")
-        dm = self.datamodule()
         batch = collate([ds[image_id]], with_pos=dm.with_pos, with_graphs=dm.with_graphs)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        return _encode(self.model, batch, "images")
+        return _encode(model, batch, "images")
 
     # ---- scoring ---------------------------------------------------------------------------------------------------
     def _gallery(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -440,6 +491,7 @@ class Index:
     def score_items(self, query: dict[str, torch.Tensor], ids: np.ndarray) -> np.ndarray:
         """The method's exact `score` of the query with gallery items `ids` (ascending), SCORE_BLOCK items a call."""
         out = np.empty(ids.size, dtype=np.float32)
+        query = {k: v for k, v in query.items() if k != FIRST_STAGE}
         for a in range(0, ids.size, SCORE_BLOCK):
             g = self._gallery(ids[a : a + SCORE_BLOCK])
             s = self.model.score(g, query)[:, 0] if self.side == "images" else self.model.score(query, g)[0]
@@ -451,7 +503,8 @@ class Index:
         first."""
         q_side = "captions" if self.side == "images" else "images"
         with torch.no_grad():
-            q = self.model.global_embedding(query, q_side).float().cpu().numpy()
+            g = query[FIRST_STAGE] if FIRST_STAGE in query else self.model.global_embedding(query, q_side)
+            q = g.float().cpu().numpy()
         sims, rows = self.faiss.search(np.ascontiguousarray(q, dtype=np.float32), min(n, self.n))
         keep = rows[0] >= 0
         return rows[0][keep], sims[0][keep]
@@ -500,14 +553,17 @@ class ShardedIndex:
         self.shards = sorted(shards, key=lambda s: s.offset)
         first = self.shards[0].meta
         for s in self.shards[1:]:
-            for key in ("checkpoint_sha256", "split", "side", "vocab_sha256", "n_split_items", "global_dim"):
+            for key in ("checkpoint_sha256", "first_stage_sha256", "split", "side", "vocab_sha256", "n_split_items",
+                        "global_dim"):
                 if s.meta.get(key) != first.get(key):
-                    raise DataError(s.folder, f"this shard's {key} ({s.meta.get(key)}) differs from {self.shards[0].folder}'s "
-                                    f"({first.get(key)}): not shards of one index", "query the shards of one build together")
+                    raise DataError(s.folder, f"this shard's {key} ({s.meta.get(key)}) differs from "
+                                    f"{self.shards[0].folder}'s ({first.get(key)}): not shards of one index",
+                                    "query the shards of one build together")
         covered = [(s.offset, s.offset + s.n) for s in self.shards]
         total = first.get("n_split_items", self.shards[0].n)
         if covered[0][0] != 0 or any(a[1] != b[0] for a, b in zip(covered, covered[1:])) or covered[-1][1] != total:
-            raise DataError(self.shards[0].folder, f"the shards cover items {covered} of 0..{total - 1}: some are missing "
+            raise DataError(self.shards[0].folder, f"the shards cover items {covered} of 0..{total - 1}: some are "
+                            "missing "
                             "or given twice", "pass every shard folder of the build once (--shard 0/n ... n-1/n)")
         self.n, self.side, self.model = total, self.shards[0].side, self.shards[0].model
         for s in self.shards[1:]:

@@ -1,7 +1,7 @@
 """Two-stage retrieval against exact all-pairs evaluation, from one checkpoint (README, Search: quality).
 
     python -m zoo.search.quality --ckpt runs/casc_base_synth/checkpoints/best.ckpt --root .cache/synthscenes \
-        --out runs/search_quality/casc_base [--rerank 10 20 50 100 200 500]
+        --out runs/search_quality/casc_base [--rerank 10 20 50 100 200 500] [--first-stage C2]
 
 Builds (or reuses) the image and the caption index of the split under --out, then for every rerank value gives
 R@1/5/10 both ways when each query (every caption for text->image, every image for image->text) keeps only its
@@ -52,9 +52,10 @@ def _mask(cand: np.ndarray, r: int, n_gallery: int) -> torch.Tensor:
 def measure(ckpt: str, root: str, out: str | Path, split: str = "test", reranks=RERANKS, first_stage: str | None = None,
             progress: bool = True) -> list[dict]:
     out = Path(out)
-    img_idx = Index(build_index(ckpt, root, split, "images", out / "images", progress=progress))
-    cap_idx = Index(build_index(ckpt, root, split, "captions", out / "captions", progress=progress),
-                    model=img_idx.model)
+    img_idx = Index(build_index(ckpt, root, split, "images", out / "images", progress=progress,
+                                first_stage=first_stage))
+    cap_idx = Index(build_index(ckpt, root, split, "captions", out / "captions", progress=progress,
+                                first_stage=first_stage), model=img_idx.model)
     model = img_idx.model
     k = img_idx.meta["caps_per_image"]
     with torch.no_grad():
@@ -135,8 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="folder for the two indexes and the report")
     ap.add_argument("--rerank", type=int, nargs="+", default=list(RERANKS))
     ap.add_argument("--title", default=None)
+    ap.add_argument("--first-stage", default=None, metavar="C2", help="stage-1 vectors from this checkpoint")
     args = ap.parse_args(argv)
-    rows = measure(args.ckpt, args.root, args.out, args.split, args.rerank)
+    rows = measure(args.ckpt, args.root, args.out, args.split, args.rerank, first_stage=args.first_stage)
     title = args.title or f"{Path(args.ckpt).parent.parent.name} on {Path(args.root).name}/{args.split}"
     write_report(rows, Path(args.out), title)
     print((Path(args.out) / "quality.md").read_text())

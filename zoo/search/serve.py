@@ -102,7 +102,8 @@ class SearchPage:
         shard = next(s for s in self.index.shards if s.offset <= item < s.offset + s.n)
         if "regions" not in shard.emb or "words" not in query:
             return None
-        regions = torch.from_numpy(np.array(shard.emb["regions"][item - shard.offset : item - shard.offset + 1])).float()
+        row = item - shard.offset
+        regions = torch.from_numpy(np.array(shard.emb["regions"][row : row + 1])).float()
         n = int((query["lengths"] if "lengths" in query else query["n_words"])[0])
         _, alpha = attend(query["words"][:, :n].float(), regions, smooth=self.smooth, norm=self.norm)  # [1, n, R]
         if "lengths" in query and n > 2:  # the zoo's word ids hold <start>/<end>: the words are between

@@ -16,6 +16,7 @@ import torch
 from datamodules.errors import DataError
 
 from ...blocks.coherence import hybrid_loss
+from ...blocks.functional import l2_normalize, wide
 from ...blocks.vsf import fuse_scores
 from ...engine.module import Emb, RetrievalModule
 from .model import CCCLNet
@@ -120,6 +121,14 @@ class CCCL(RetrievalModule):
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
         return self.net.score(img, cap)
+
+    def global_embedding(self, emb: Emb, side: str) -> torch.Tensor:
+        """zoo.search's first stage: the global branch's own vectors v^S / t^S (Eqs. (13)-(14)), l2-normalised, where
+        that branch is on (on SynthScenes they beat the mean of regions / words at small `rerank`: README, Search);
+        the default mean otherwise."""
+        if "global" in emb:
+            return l2_normalize(wide(emb["global"]))
+        return super().global_embedding(emb, side)
 
     def training_losses(self, batch: dict, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
         """L = L_t(F) + lambda L_c(S^S, S^O, S^R), Eqs. (29)-(34), on the batch's b x b pairs."""
