@@ -4,8 +4,8 @@ LightningCLI over every RetrievalModule subclass and every LightningDataModule o
 value can be overridden on the command line, e.g. `--trainer.max_epochs 2 --data.batch_size 64`.
 
 Evaluating without a checkpoint is refused (a randomly initialised model's recall looks like a result);
-`--allow_untrained true` keeps it for debugging. Bad input (data, checkpoints) is reported as one clear
-message without a traceback.
+`--allow_untrained true` keeps it for debugging. Bad input (data, checkpoints, a model argument out of range)
+is reported as one clear message without a traceback (zoo.engine.errors.one_line_errors).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import zoo.methods  # noqa: F401  (registers the methods)
 from datamodules.errors import DataError
 
 from ..engine.checkpoints import check_checkpoint
+from ..engine.errors import one_line_errors
 from ..engine.module import RetrievalModule
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
@@ -78,12 +79,9 @@ class ZooCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_console()
-    try:
+    with one_line_errors():  # DataError and the models' argument checks: one `error:` line, exit code 2
         ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True,
                save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
-    except DataError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 if __name__ == "__main__":
