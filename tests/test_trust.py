@@ -74,3 +74,47 @@ def test_two_runs_generating_one_synthscenes_root_wait_for_each_other(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "ok" in out, err[-2000:]
     assert "waiting for another" in err and (root / "synthscenes.json").exists()
+
+
+# ---- model settings given with --ckpt_path (item 8) and a checkpoint of another class ------------------------
+def _fake_ckpt(path, class_path="zoo.methods.CASC", **hp):
+    import torch
+    torch.save({"hyper_parameters": {"_class_path": class_path, "feature_dim": 8, "embed_dim": 8, "word_dim": 8,
+                                     "lr": 5e-4, "lambda_t2i": 9.0, **hp}, "state_dict": {}}, path)
+    return str(path)
+
+
+def _main(args, tmp_path, monkeypatch):
+    from zoo.cli import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    main(args)
+
+
+def test_resume_with_other_model_settings_is_refused(tmp_path, monkeypatch, capsys):
+    """`fit --ckpt_path ... --model.init_args.embed_dim 64 --model.init_args.lr 0.1` ran with 8 and 5e-4."""
+    ckpt = _fake_ckpt(tmp_path / "last.ckpt")
+    with pytest.raises(SystemExit) as e:
+        _main(["fit", "--config", str(ROOT / "recipes" / "casc_synth.yaml"), *SYNTH, "--ckpt_path", ckpt,
+               "--model.init_args.embed_dim", "64", "--model.init_args.lr", "0.1"], tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "resuming a run with other model settings" in err
+    assert "embed_dim: 64 given, 8 in the checkpoint" in err and "lr: 0.1 given, 0.0005 in the checkpoint" in err
+
+
+def test_evaluating_with_other_model_settings_warns_for_each(tmp_path, monkeypatch):
+    ckpt = _fake_ckpt(tmp_path / "best.ckpt")
+    with pytest.warns(UserWarning, match=r"lambda_t2i: 1.0 given, 9.0 in the checkpoint\); evaluating with the "
+                                         r"checkpoint's") as rec, pytest.raises(BaseException):
+        _main(["test", "--config", str(ROOT / "recipes" / "casc_synth.yaml"), *SYNTH, "--ckpt_path", ckpt,
+               "--model.init_args.lambda_t2i", "1", "--model.init_args.eval_image_block", "2"], tmp_path,
+              monkeypatch)  # the fake checkpoint holds no weights: the run itself fails after the warning
+    assert not any("eval_image_block" in str(w.message) for w in rec)  # evaluation settings simply apply
+
+
+def test_checkpoint_of_another_class_names_both(tmp_path, monkeypatch, capsys):
+    ckpt = _fake_ckpt(tmp_path / "casc.ckpt")
+    with pytest.raises(SystemExit):
+        _main(["test", "--config", str(ROOT / "recipes" / "cccl_synth.yaml"), *SYNTH, "--ckpt_path", ckpt],
+              tmp_path, monkeypatch)
+    assert "this is a zoo.methods.CASC checkpoint, the recipe's model is zoo.methods.CCCL" in capsys.readouterr().err
