@@ -118,3 +118,139 @@ def test_checkpoint_of_another_class_names_both(tmp_path, monkeypatch, capsys):
         _main(["test", "--config", str(ROOT / "recipes" / "cccl_synth.yaml"), *SYNTH, "--ckpt_path", ckpt],
               tmp_path, monkeypatch)
     assert "this is a zoo.methods.CASC checkpoint, the recipe's model is zoo.methods.CCCL" in capsys.readouterr().err
+
+
+# ---- ensembles and pictures from tiny checkpoints ----------------------------------------------------------
+TINY = ["--data.init_args.n_train", "20", "--data.init_args.n_dev", "4", "--data.init_args.n_test", "4",
+        "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "5", "--data.init_args.num_workers",
+        "0", "--data.init_args.vocab_min_count", "1", "--data.init_args.batch_size", "8",
+        "--data.init_args.eval_batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory):
+    """Two CASC checkpoints (one training step each) on a tiny SynthScenes with 3 captions per image."""
+    import lightning as L
+
+    from zoo.cli import ZooCLI
+    from zoo.engine.module import RetrievalModule
+    base = tmp_path_factory.mktemp("trust")
+    root = base / "ss"
+    out = []
+    for seed in (0, 1):
+        L.seed_everything(seed)
+        cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                     args=["--config", str(ROOT / "recipes" / "casc_synth.yaml"), "--data.init_args.root", str(root),
+                           *TINY, "--data.init_args.caps_per_image", "3", "--model.init_args.feature_dim", "16",
+                           "--model.init_args.embed_dim", "8", "--model.init_args.word_dim", "4",
+                           "--model.init_args.label_hidden", "8"])
+        trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(cli.model, cli.datamodule)
+        ckpt = base / f"casc{seed}.ckpt"
+        trainer.save_checkpoint(ckpt)
+        out.append(str(ckpt))
+    return root, out
+
+
+def _ensemble(tiny_ckpts, tmp_path, *extra):
+    from zoo.experiments.ensemble import main
+    root, ckpts = tiny_ckpts
+    js = tmp_path / "e.json"
+    main(["--config", str(ROOT / "recipes" / "casc_synth.yaml"), "--ckpt", *ckpts, "--json", str(js),
+          "--data.init_args.root", str(root), *TINY, "--data.init_args.caps_per_image", "3", *extra])
+    import json
+    return json.loads(js.read_text())
+
+
+def test_ensemble_applies_evaluation_arguments_and_refuses_others(tiny_ckpts, tmp_path, monkeypatch, capsys,
+                                                                   one_thread):
+    """`--model.init_args.beta 0.2` was ignored (the beta = 0.8 figure was reported)."""
+    from zoo.engine.checkpoints import load_model
+    from zoo.engine.metrics import all_metrics
+    from zoo.experiments.ensemble import build_datamodule, similarity_matrix
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    got = _ensemble(tiny_ckpts, tmp_path, "--model.init_args.beta", "0.0")
+    root, ckpts = tiny_ckpts
+    dm = build_datamodule([str(ROOT / "recipes" / "casc_synth.yaml")],
+                          ["--data.init_args.root", str(root), *TINY, "--data.init_args.caps_per_image", "3"])
+    model = load_model(ckpts[0], dm)
+    model.beta = 0.0  # S = S_G alone (Eq. 13)
+    want = all_metrics(similarity_matrix(model, dm.test_dataloader(), 4, 3), 3, None)
+    assert got["models"][ckpts[0]]["all"] == pytest.approx(want["all"])
+    model.beta = 0.8
+    default = all_metrics(similarity_matrix(model, dm.test_dataloader(), 4, 3), 3, None)
+    assert default["all"] != want["all"]  # the two betas give other figures here (meanr at least)
+    assert got["settings"]["model_args"] == {"beta": 0.0}
+    with pytest.raises(SystemExit):
+        _ensemble(tiny_ckpts, tmp_path, "--model.init_args.embed_dim", "64")
+    err = capsys.readouterr().err
+    assert "embed_dim is not an evaluation argument of CASC" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--weights", "1"], "1 weights for 2 checkpoints"),
+    (["--weights", "1", "-1"], "weights must be >= 0 and sum to more than 0"),
+    (["--weights", "0", "0"], "weights must be >= 0 and sum to more than 0"),
+    (["--model.init_args.beta", "2"], "beta must lie in [0, 1]"),
+])
+def test_ensemble_argument_errors_before_scoring(tiny_ckpts, tmp_path, monkeypatch, capsys, extra, message):
+    """Weights summing to 0 were reported as a NaN model; a count mismatch failed after scoring."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    with pytest.raises(SystemExit) as e:
+        _ensemble(tiny_ckpts, tmp_path, *extra)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ensemble_missing_checkpoint_is_one_line(tiny_ckpts, tmp_path, capsys):
+    from zoo.experiments.ensemble import main
+    with pytest.raises(SystemExit):
+        main(["--config", str(ROOT / "recipes" / "casc_synth.yaml"), "--ckpt", tiny_ckpts[1][0],
+              str(tmp_path / "nope.ckpt")])
+    err = capsys.readouterr().err
+    assert "nope.ckpt: checkpoint not found" in err and "Traceback" not in err
+
+
+def test_ensemble_zscore_normalisation_equalises_scales():
+    """Raw averaging lets the model with the wider score range decide; z-scores weigh both equally."""
+    import torch
+
+    from zoo.experiments.ensemble import ensemble_metrics, normalise
+    torch.manual_seed(0)
+    a = torch.randn(4, 4) * 100  # wide range
+    b = torch.eye(4) * 0.01 + 0.48  # a sigmoid scorer's narrow range, perfect ranking
+    raw = ensemble_metrics([a, b], caps_per_image=1)["all"]["rsum"]
+    z = ensemble_metrics([a, b], caps_per_image=1, how="zscore")["all"]["rsum"]
+    assert ensemble_metrics([a], caps_per_image=1)["all"]["rsum"] == raw  # b drowned
+    assert z > raw
+    n = normalise(a, "zscore")
+    assert abs(float(n.mean())) < 1e-9 and abs(float(n.std()) - 1) < 1e-9
+    assert torch.equal(n.argsort(1), a.double().argsort(1)) and torch.equal(n.argsort(0), a.double().argsort(0))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "99"], "--image 99: the split has images 0..3"),
+    (["--caption", "7"], "--caption 7: image 0 has captions 0..2"),
+])
+def test_pictures_bad_items_are_one_line_and_use_the_checkpoints_captions_per_image(tiny_ckpts, tmp_path, capsys,
+                                                                                   args, message):
+    """pictures assumed 5 captions per image (this checkpoint has 3: captions would belong to other images)."""
+    from zoo.tools import pictures
+    root, ckpts = tiny_ckpts
+    with pytest.raises(SystemExit):
+        pictures.main(["attention", "--ckpt", ckpts[0], "--root", str(root), "--out", str(tmp_path / "a.png"),
+                       *args])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_pictures_context_on_a_casc_checkpoint_is_one_line(tiny_ckpts, tmp_path, capsys):
+    from zoo.tools import pictures
+    root, ckpts = tiny_ckpts
+    with pytest.raises(SystemExit):
+        pictures.main(["context", "--ckpt", ckpts[0], "--root", str(root), "--out", str(tmp_path / "a.png")])
+    assert "CASC has no context-perceived cell" in capsys.readouterr().err
+    pictures.main(["attention", "--ckpt", ckpts[0], "--root", str(root), "--out", str(tmp_path / "a.png"),
+                   "--caption", "2"])
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
