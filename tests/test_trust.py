@@ -254,3 +254,44 @@ def test_pictures_context_on_a_casc_checkpoint_is_one_line(tiny_ckpts, tmp_path,
     pictures.main(["attention", "--ckpt", ckpts[0], "--root", str(root), "--out", str(tmp_path / "a.png"),
                    "--caption", "2"])
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- zoo.report -------------------------------------------------------------------------------------------
+def _res(d, rsum, **names):
+    import json
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps({**names, "metrics": {"test": {"rsum": rsum}}}))
+
+
+def test_report_keys_results_by_folder_and_flags_copies(tmp_path):
+    """A copied row folder with an edited copy (rsum 999) silently replaced the real row."""
+    from zoo.experiments.report import load_results
+    root = tmp_path / "runs" / "m_synth"
+    _res(root / "tA" / "x", 100.0, table="tA", row="x")
+    _res(root / "tA" / "x_copy", 999.0, table="tA", row="x")  # a copied folder, names unchanged
+    with pytest.warns(UserWarning) as rec:
+        got = load_results("m", "synthetic", tmp_path / "runs")
+    assert got[("tA", "x")]["metrics"]["test"]["rsum"] == 100.0
+    assert got[("tA", "x_copy")]["metrics"]["test"]["rsum"] == 999.0
+    text = " ".join(str(w.message) for w in rec)
+    assert "names row tA/x but lies in tA/x_copy" in text and "2 results.json name row tA/x" in text
+
+
+@pytest.mark.parametrize("content", ["[]", '{"metrics": {"test": {"rsum": "abc"}}}', '{"metrics": {"te',
+                                     '{"metrics": []}'])
+def test_report_skips_malformed_results_with_a_warning(tmp_path, content):
+    from zoo.experiments.report import load_results
+    d = tmp_path / "runs" / "m_synth" / "tA" / "x"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(content)
+    with pytest.warns(UserWarning, match="skipping"):
+        assert load_results("m", "synthetic", tmp_path / "runs") == {}
+
+
+def test_report_seeds_on_a_missing_folder_is_an_error(tmp_path, capsys):
+    """--seeds on a missing folder added an empty column."""
+    from zoo.experiments.report import main
+    _res(tmp_path / "runs" / "m_synth" / "tA" / "x", 100.0)
+    assert main(["m", "synthetic", "--runs", str(tmp_path / "runs"), "--recipes", str(tmp_path),
+                 "--seeds", str(tmp_path / "nope")]) == 2
+    assert "--seeds" in capsys.readouterr().err
