@@ -295,3 +295,124 @@ def test_report_seeds_on_a_missing_folder_is_an_error(tmp_path, capsys):
     assert main(["m", "synthetic", "--runs", str(tmp_path / "runs"), "--recipes", str(tmp_path),
                  "--seeds", str(tmp_path / "nope")]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+# ---- zoo.ablate -------------------------------------------------------------------------------------------
+def _rows(tmp_path, files):
+    recipes = tmp_path / "recipes"
+    (recipes / "ablations" / "m" / "t1").mkdir(parents=True)
+    (recipes / "m_synth.yaml").write_text("model:\n  init_args: {a: 1}\n")
+    for name, text in files.items():
+        (recipes / "ablations" / "m" / "t1" / name).write_text(text)
+    return recipes
+
+
+@pytest.mark.parametrize("text, message", [("# X — x\nmodel: {init_args: [1\n", r"not valid YAML \(line 3\): expected"),
+                                           ("# X — x\n- a\n- b\n", "holds a YAML list, not a mapping")])
+def test_row_yaml_errors_name_the_file(tmp_path, text, message):
+    from zoo.experiments import ablate
+    recipes = _rows(tmp_path, {"01_x.yaml": text})
+    abl = ablate.Ablation("m", "synthetic", recipes, tmp_path / "runs")
+    with pytest.raises(DataError, match=message) as e:
+        abl.config_key(ablate.discover("m", recipes)["t1"][0])
+    assert "01_x.yaml" in str(e.value)
+
+
+def _fake_train(trained):
+    import json
+
+    from zoo.experiments import ablate
+
+    def run_locked(self, row, same_as=None):
+        trained.append(row.key)
+        (self.row_dir(row) / "results.json").write_text(json.dumps(
+            {"settings": self.settings_digest(row), "metrics": {"test": {"rsum": 1.0}}}))
+        return ablate.RowResult(row, "finished", 1.0)
+    return run_locked
+
+
+def test_results_record_their_settings_and_truncated_ones_rerun(tmp_path, monkeypatch):
+    """A rerun with other ARGS skipped the row silently; a truncated results.json counted as finished."""
+    from zoo.experiments import ablate
+    recipes = _rows(tmp_path, {"01_x.yaml": "# X — x\nmodel: {init_args: {a: 2}}\n"})
+    trained = []
+    monkeypatch.setattr(ablate.Ablation, "_run_row_locked", _fake_train(trained))
+    row = ablate.discover("m", recipes)["t1"][0]
+    abl = ablate.Ablation("m", "synthetic", recipes, tmp_path / "runs")
+    assert abl.run_row(row).status == "finished" and trained == ["t1/x"]
+    assert abl.run_row(row).status == "skipped"
+    other = ablate.Ablation("m", "synthetic", recipes, tmp_path / "runs", extra=["--trainer.max_epochs", "1"])
+    res = other.run_row(row)
+    assert res.status == "stale" and "finished with other settings" in res.message and trained == ["t1/x"]
+    (abl.row_dir(row) / "results.json").write_text('{"metrics": {"te')  # killed while writing (or copied short)
+    with pytest.warns(UserWarning, match="truncated or malformed"):
+        assert abl.run_row(row).status == "finished"
+    assert trained == ["t1/x", "t1/x"]
+
+
+def test_two_runners_do_not_train_one_row(tmp_path, monkeypatch):
+    import fcntl
+
+    from zoo.experiments import ablate
+    recipes = _rows(tmp_path, {"01_x.yaml": "# X — x\n"})
+    trained = []
+    monkeypatch.setattr(ablate.Ablation, "_run_row_locked", _fake_train(trained))
+    row = ablate.discover("m", recipes)["t1"][0]
+    abl = ablate.Ablation("m", "synthetic", recipes, tmp_path / "runs")
+    abl.row_dir(row).mkdir(parents=True)
+    with open(abl.row_dir(row) / ".ablate.lock", "a+") as other:  # another runner holds the row
+        fcntl.flock(other, fcntl.LOCK_EX)
+        res = subprocess.run([sys.executable, "-c", (
+            "import sys; from pathlib import Path; from zoo.experiments import ablate; "
+            f"a = ablate.Ablation('m', 'synthetic', Path({str(recipes)!r}), Path({str(tmp_path / 'runs')!r})); "
+            "r = a.run_row(ablate.discover('m', a.recipes)['t1'][0]); print(r.status)")],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "busy", res.stderr[-2000:]
+    assert abl.run_row(row).status == "finished" and trained == ["t1/x"]
+
+
+@pytest.mark.parametrize("args, message", [(["--rows", ","], "names no row"),
+                                           (["--runs", "FILE"], "is a file, not a folder"),
+                                           (["--logger", "tensorboard"], "invalid choice")])
+def test_ablate_argument_errors(tmp_path, monkeypatch, capsys, args, message):
+    """`--rows ,` ran nothing and still wrote a report and a W&B comparison run."""
+    from zoo.experiments import ablate
+    recipes = _rows(tmp_path, {"01_x.yaml": "# X — x\n"})
+    (tmp_path / "FILE").write_text("")
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    with pytest.raises(SystemExit) if "invalid" in message else _nothing():
+        assert ablate.main(["m", "synthetic", "--recipes", str(recipes), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def test_logger_is_case_insensitive(monkeypatch):
+    """LOGGER=CSV silently meant W&B."""
+    from zoo.experiments import ablate
+    monkeypatch.setenv("LOGGER", "CSV")
+    seen = {}
+
+    def wandb_setup(logger):  # stops main right after the choice
+        seen["logger"] = logger
+        raise SystemExit(0)
+    monkeypatch.setattr(ablate, "wandb_setup", wandb_setup)
+    with pytest.raises(SystemExit):
+        ablate.main(["casc_base", "synthetic", "--rows", "both"])
+    assert seen["logger"] == "csv"
+
+
+def test_wandb_mode_bogus_or_online_without_key_falls_back_to_offline(monkeypatch):
+    from zoo.experiments import ablate
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(ablate, "_netrc_login", lambda: False)
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.warns(UserWarning, match="WANDB_MODE='bogus' is not one of"):
+        assert ablate.wandb_setup("wandb")[1] == {"WANDB_MODE": "offline"}
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.warns(UserWarning, match="no W&B API key"):
+        assert ablate.wandb_setup("wandb")[1] == {"WANDB_MODE": "offline"}
