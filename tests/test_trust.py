@@ -416,3 +416,41 @@ def test_wandb_mode_bogus_or_online_without_key_falls_back_to_offline(monkeypatc
     monkeypatch.setenv("WANDB_MODE", "online")
     with pytest.warns(UserWarning, match="no W&B API key"):
         assert ablate.wandb_setup("wandb")[1] == {"WANDB_MODE": "offline"}
+
+
+# ---- evaluation warnings ----------------------------------------------------------------------------------
+def _tiny_test(root, model, one_thread=None):
+    import lightning as L
+
+    from datamodules import PrecompDataModule
+    dm = PrecompDataModule(str(root), num_regions=4, feature_dim=8, num_workers=0, vocab_min_count=1,
+                           val_max_images=None)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    return trainer.test(model, dm, verbose=False)[0]
+
+
+def test_single_image_split_warns(tmp_path, one_thread):
+    """A split with a single image gave rsum 600 without a word."""
+    from conftest import write_split
+
+    from zoo.methods import CASCBase
+    root = tmp_path / "d"
+    write_split(root, "train", n_images=6)
+    write_split(root, "dev", n_images=1)
+    write_split(root, "test", n_images=1)
+    with pytest.warns(UserWarning, match=r"single image.*\(rsum 600\) by construction"):
+        out = _tiny_test(root, CASCBase(feature_dim=8, embed_dim=8, word_dim=4, fold_size=None))
+    assert out["test/rsum"] == 600.0
+
+
+def test_beta_sweep_range_and_one_term_note(tiny_data, one_thread):
+    """beta_sweep values were not range-checked (test_beta-1/rsum was logged); a sweep over a score without
+    S_G showed the same figures for every beta without a note."""
+    from zoo.methods import CASC
+    with pytest.raises(ValueError, match=r"beta_sweep values must lie in \[0, 1\], got \[-1.0\]"):
+        CASC(beta_sweep=[0.5, -1.0])
+    model = CASC(feature_dim=8, embed_dim=8, word_dim=4, global_branch="none", beta_sweep=[0.0, 1.0], fold_size=None)
+    with pytest.warns(UserWarning, match=r"without S_G \(global_branch: none\).*every beta gives the same"):
+        out = _tiny_test(tiny_data, model)
+    assert out["test_beta0/rsum"] == out["test_beta1/rsum"]
