@@ -454,3 +454,16 @@ def test_beta_sweep_range_and_one_term_note(tiny_data, one_thread):
     with pytest.warns(UserWarning, match=r"without S_G \(global_branch: none\).*every beta gives the same"):
         out = _tiny_test(tiny_data, model)
     assert out["test_beta0/rsum"] == out["test_beta1/rsum"]
+
+
+def test_openmp_threads_sleep_by_default_in_zoo_commands():
+    """Training and evaluation spun at OpenMP barriers (make demo: 5x slower for a 2x share of the cores);
+    `make bench` alone set OMP_WAIT_POLICY=PASSIVE. zoo sets it before torch loads unless the user chose."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import zoo, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PASSIVE", out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "ACTIVE"  # the user's choice stands
