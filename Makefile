@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 # Train CASC-base on SynthScenes (generated on first use), then test the best checkpoint: prints the R@K table.
+# OMP_WAIT_POLICY=PASSIVE (also zoo's default): spinning OpenMP barriers stall on a busy machine (README, Speed).
 demo: $(STAMP)
-	$(BIN)/lightning fit --config $(DEMO)
-	$(BIN)/lightning test --config $(DEMO) --ckpt_path $(DEMO_CKPT)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/lightning fit --config $(DEMO)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/lightning test --config $(DEMO) --ckpt_path $(DEMO_CKPT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -42,6 +42,14 @@ class EpochShuffleSampler(Sampler):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
+def check_sizes(**sizes: int) -> None:
+    """Counts below 1 are errors here, not a ZeroDivisionError (caps_per_image 0) or a non-finite loss
+    (num_regions 0) later."""
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise DataError(None, f"data.{name} is {v!r}", f"data.{name} must be a whole number >= 1")
+
+
 class PrecompDataModule(L.LightningDataModule):
     """Serves precomputed bottom-up region features, captions and (optionally) boxes, POS tags and
     dependency graphs, in the layout SCAN distributed.
@@ -103,6 +111,8 @@ class PrecompDataModule(L.LightningDataModule):
                  eval_batch_size: int = 128, num_workers: int = 2, shuffle_seed: int | None = None,
                  train_features: str = "mmap", pin_memory: bool = False):
         super().__init__()
+        check_sizes(caps_per_image=caps_per_image, num_regions=num_regions, feature_dim=feature_dim,
+                    batch_size=batch_size, eval_batch_size=eval_batch_size)
         if train_features not in TRAIN_FEATURE_STORES:
             raise ValueError(f"data.train_features must be one of {', '.join(TRAIN_FEATURE_STORES)}, "
                              f"got {train_features!r}")

@@ -227,6 +227,8 @@ class SynthScenesDataModule(_datamodule_base()):
     def __init__(self, root: str = ".cache/synthscenes", n_train: int = 3000, n_dev: int = 500, n_test: int = 1000,
                  seed: int = 0, num_regions: int = 36, feature_dim: int = 2048, noise: float = 1.0,
                  miss_prob: float = 0.1, **kwargs):
+        from .precomp import check_sizes
+        check_sizes(n_train=n_train, n_dev=n_dev, n_test=n_test)
         kwargs.setdefault("val_max_images", None)
         kwargs.setdefault("test_split", "test")
         super().__init__(root, num_regions=num_regions, feature_dim=feature_dim, **kwargs)
@@ -235,12 +237,16 @@ class SynthScenesDataModule(_datamodule_base()):
                                               miss_prob=miss_prob, caps_per_image=self.caps_per_image)
 
     def prepare_data(self) -> None:
-        stamp = self.root / "synthscenes.json"
-        fresh = not (stamp.exists() and json.loads(stamp.read_text()).get("digest") == self.synth_config.digest())
-        if fresh:
-            # artifacts of an older copy would not match the new captions
-            for old in [*self.cache_dir.glob("vocab*.json"), *self.cache_dir.glob("*_parse.*.npz"),
-                        *self.cache_dir.glob("labels.*.json")]:
-                old.unlink()
-            generate_synthscenes(self.root, self.synth_config)
+        from .prepare import cache_lock
+        # two runs generating one new root at once: the second waits for the first, then finds the copy made
+        # (released before the vocabulary/parse steps, which take the cache folder's lock themselves)
+        with cache_lock(self.root):
+            stamp = self.root / "synthscenes.json"
+            fresh = not (stamp.exists() and json.loads(stamp.read_text()).get("digest") == self.synth_config.digest())
+            if fresh:
+                # artifacts of an older copy would not match the new captions
+                for old in [*self.cache_dir.glob("vocab*.json"), *self.cache_dir.glob("*_parse.*.npz"),
+                            *self.cache_dir.glob("labels.*.json")]:
+                    old.unlink()
+                generate_synthscenes(self.root, self.synth_config)
         super().prepare_data()

@@ -360,10 +360,12 @@ def test_two_row_ablation_runs_skips_resumes_logs_and_ensembles(tmp_path, monkey
         (root / "i2t" / f).unlink()  # i2t now looks killed mid-fit: a checkpoint, no results
     both_mtime = (root / "both" / "results.json").stat().st_mtime
     steps = torch.load(root / "i2t" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    rc = ablate.main(base + ["--rows", "both,i2t", "--logger", "csv", "--", *SHRINK, "--trainer.max_epochs", "2"])
+    # (other ARGS than the finished row's: it is reported stale, not silently skipped, and the exit code says so)
+    rc = ablate.main(base + ["--rows", "both,i2t", "--logger", "CSV", "--", *SHRINK, "--trainer.max_epochs", "2"])
     out = capsys.readouterr().out
-    assert rc == 0
-    assert "directions/both skipped" in out and "resuming the killed fit" in out
+    assert rc == 1
+    assert "directions/both stale" in out and "finished with other settings" in out
+    assert "resuming the killed fit" in out
     assert (root / "both" / "results.json").stat().st_mtime == both_mtime
     ckpt = torch.load(root / "i2t" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 * steps  # the second epoch ran ...

@@ -1,5 +1,6 @@
 """Bottom-up-attention TSV -> {split}_ims.npy + {split}_boxes.npy (datamodules.convert_tsv)."""
 import base64
+import os
 import subprocess
 import sys
 
@@ -82,3 +83,51 @@ def test_console_entry_point(tmp_path, capsys):
     assert "TSV file not found" in capsys.readouterr().err
     out = subprocess.run([sys.executable, "-m", "datamodules.convert_tsv", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--ids" in out.stdout
+
+
+def _row(image_id, w, h, boxes, feats):
+    return "\t".join([image_id, str(w), str(h), str(len(boxes)), _b64(boxes), _b64(feats)])
+
+
+@pytest.mark.parametrize("w, boxes, feats, message", [
+    ("inf", [[0, 0, 5, 5]] * 3, None, "image size inf x 10"),
+    ("nan", [[0, 0, 5, 5]] * 3, None, "image size nan x 10"),
+    ("1e30", [[0, 0, 5, 5]] * 3, None, "image size 1e"),
+    ("300", [[0, 0, 720, 5]] + [[0, 0, 5, 5]] * 2, None, r"falls outside its 300 x 10 image by 140%"),
+    ("10", [[0, 0, float("nan"), 5]] + [[0, 0, 5, 5]] * 2, None, "NaN/Inf in its boxes"),
+    ("10", [[0, 0, 5, 5]] * 3, "nan", r"NaN/Inf in the features of box\(es\) \[1\]"),
+])
+def test_converter_refuses_wrong_sizes_boxes_and_nan(tmp_path, w, boxes, feats, message):
+    """A wrong image size used to give zero-width (1e30/inf) or silently clipped (300 px for boxes reaching 720)
+    boxes, and NaN features surfaced only at training."""
+    f = np.ones((3, 5), np.float32)
+    if feats == "nan":
+        f[1, 2] = np.nan
+    (tmp_path / "a.tsv").write_text(_row("1", w, 10, np.array(boxes, np.float32), f) + "\n")
+    with pytest.raises(DataError, match=message):
+        convert_tsv([tmp_path / "a.tsv"], ["1"], tmp_path / "o", "dev", 3, 5, progress=False)
+    assert not list((tmp_path / "o").glob("*.npy")) and not list((tmp_path / "o").glob(".*tmp"))
+    # within the tolerance (2% of a side) boxes are clipped, as detectors' rounding needs
+    (tmp_path / "b.tsv").write_text(_row("1", 10, 10, np.array([[-0.1, 0, 10.1, 10]] * 3, np.float32),
+                                         np.ones((3, 5), np.float32)) + "\n")
+    convert_tsv([tmp_path / "b.tsv"], ["1"], tmp_path / "o", "dev", 3, 5, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "dev_boxes.npy")[0, 0], [0, 0, 1, 1])
+
+
+def test_converter_removes_the_tmp_files_of_a_killed_run(tmp_path, capsys):
+    """SIGKILL leaves full-size hidden .tmp files (no finally runs): the next start removes them and says so;
+    a conversion still running (its pid alive) keeps its own."""
+    write_tsv(tmp_path / "a.tsv", {"1": (10, 10)})
+    out = tmp_path / "o"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [out / ".dev_ims.npy.tmp", out / f".dev_boxes.npy.{dead}.tmp"]
+    live = out / f".dev_ims.npy.{os.getppid()}.tmp"
+    other = out / ".dev2_ims.npy.tmp"
+    for t in (*stale, live, other):
+        t.write_bytes(b"\0" * 1024)
+    convert_tsv([tmp_path / "a.tsv"], ["1"], out, "dev", 3, 5, progress=False)
+    err = capsys.readouterr().err
+    assert all(not t.exists() for t in stale) and live.exists() and other.exists()
+    assert "left by a killed conversion" in err and str(stale[0]) in err

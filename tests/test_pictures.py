@@ -80,6 +80,7 @@ def test_cccl_context_scores_from_a_checkpoint(synth, tmp_path, monkeypatch, one
         pictures.attention_figure(model, dm)
 
 
-def test_missing_boxes_and_checkpoint_are_clear_errors(tmp_path, tiny_data):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+def test_missing_boxes_and_checkpoint_are_clear_errors(tmp_path, tiny_data, capsys):
+    with pytest.raises(SystemExit):  # one `error:` line (zoo.engine.errors.one_line_errors), no traceback
         pictures.main(["attention", "--ckpt", str(tmp_path / "nope.ckpt"), "--root", str(tiny_data)])
+    assert "no such checkpoint" in capsys.readouterr().err

@@ -4,8 +4,8 @@ LightningCLI over every RetrievalModule subclass and every LightningDataModule o
 value can be overridden on the command line, e.g. `--trainer.max_epochs 2 --data.batch_size 64`.
 
 Evaluating without a checkpoint is refused (a randomly initialised model's recall looks like a result);
-`--allow_untrained true` keeps it for debugging. Bad input (data, checkpoints) is reported as one clear
-message without a traceback.
+`--allow_untrained true` keeps it for debugging. Bad input (data, checkpoints, a model argument out of range)
+is reported as one clear message without a traceback (zoo.engine.errors.one_line_errors).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -21,11 +22,14 @@ import zoo.methods  # noqa: F401  (registers the methods)
 from datamodules.errors import DataError
 
 from ..engine.checkpoints import check_checkpoint
+from ..engine.errors import one_line_errors
 from ..engine.module import RetrievalModule
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 # ckpt_path values Lightning resolves itself
 SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
+# model hyper-parameters that only shape evaluation: given with --ckpt_path, the command line's value applies
+EVAL_HPARAMS = {"eval_image_block", "eval_caption_block", "fold_size"}
 
 # third-party noise that says nothing about the run (kept out of `make demo`'s screen)
 QUIET_WARNINGS = [
@@ -51,11 +55,63 @@ def quiet_console() -> None:
         logging.getLogger(name).addFilter(_DropLines())
 
 
+def _canonical(v):
+    """A value as plain data to compare a config's value with a checkpoint's (tuples as lists, 5 == 5.0)."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return [_canonical(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _canonical(x) for k, x in v.items()}
+    return str(v)
+
+
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.num_sanity_val_steps": 0})
         parser.add_argument("--allow_untrained", type=bool, default=False,
                             help="validate/test/predict without --ckpt_path (a randomly initialised model; debugging only)")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the config's model arguments by the checkpoint's hyper-parameters. Said out loud
+        here: a checkpoint of another class is an error naming both classes; on `fit --ckpt_path` (resume) a model
+        argument that differs from the checkpoint's is an error (the weights, optimizer state and schedule are
+        the checkpoint's: the change would not happen); on validate/test/predict each replaced value is a
+        warning. EVAL_HPARAMS keep the command line's value (evaluation block sizes, folds); the methods'
+        evaluation arguments (CASC's beta, ...) are not hyper-parameters, so they always apply."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt or not Path(str(ckpt)).is_file():
+            return super()._parse_ckpt_path()
+        check_checkpoint(str(ckpt))
+        import torch
+        hp = torch.load(str(ckpt), weights_only=True, map_location="cpu").get("hyper_parameters", {}) or {}
+        model = self.config[sub].get("model")
+        given_class = getattr(model, "class_path", None) if model is not None else None
+        ckpt_class = hp.get("_class_path")
+        if ckpt_class and given_class and ckpt_class != given_class:
+            raise DataError(ckpt, f"this is a {ckpt_class} checkpoint, the recipe's model is {given_class}",
+                            f"use a recipe of {ckpt_class.rsplit('.', 1)[-1]} (recipes/"
+                            f"{ckpt_class.rsplit('.', 1)[-1].lower()}_*.yaml) or the checkpoint of this recipe")
+        given = dict(vars(model.init_args)) if getattr(model, "init_args", None) is not None else {}
+        super()._parse_ckpt_path()
+        after = self.config[sub].get("model")
+        stored = dict(vars(after.init_args)) if getattr(after, "init_args", None) is not None else {}
+        changed = {k: (given[k], stored[k]) for k in given if k in stored and given[k] is not None
+                   and _canonical(given[k]) != _canonical(stored[k])}
+        for k in EVAL_HPARAMS & changed.keys():  # evaluation settings: the command line's value applies
+            setattr(after.init_args, k, changed.pop(k)[0])
+        if not changed:
+            return
+        lines = "; ".join(f"{k}: {a!r} given, {b!r} in the checkpoint" for k, (a, b) in sorted(changed.items()))
+        if sub == "fit":
+            raise DataError(ckpt, f"resuming a run with other model settings ({lines})",
+                            "resume with the settings it was trained with (drop those overrides), or start a new "
+                            "run without --ckpt_path")
+        warnings.warn(f"{ckpt}: the checkpoint's model settings replace the recipe's/command line's ({lines}); "
+                      f"evaluating with the checkpoint's", stacklevel=1)
 
     def _checked_ckpt(self) -> None:
         cfg = self.config[self.subcommand]
@@ -78,12 +134,9 @@ class ZooCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_console()
-    try:
+    with one_line_errors():  # DataError and the models' argument checks: one `error:` line, exit code 2
         ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True,
                save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
-    except DataError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,10 @@ class RetrievalModule(L.LightningModule):
             remap[seen] = torch.arange(seen.numel(), device=image_ids.device)
             image_ids, caption_ids = remap[image_ids], remap[caption_ids // k] * k + caption_ids % k
             n_images = seen.numel()
+        if n_images == 1:
+            rank_zero_warn("evaluating on a split with a single image: every caption retrieves it and it retrieves "
+                           "its own captions, so every recall is 100 (rsum 600) by construction; validation would "
+                           "pick checkpoints on a metric that cannot move (use a split with more images)")
         n_caps = n_images * k
         img = gather_and_order(img, image_ids, n_images, "images")
         cap = gather_and_order(cap, caption_ids, n_caps, "captions")

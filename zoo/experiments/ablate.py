@@ -46,6 +46,7 @@ from .rows import Row, discover, format_listing, select
 
 DATASETS = {"synthetic": "synth", "f30k": "f30k", "coco": "coco"}  # DATA -> recipe suffix
 DATA_DIRS = {"f30k": "f30k_precomp", "coco": "coco_precomp"}
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "shared")  # what wandb.init accepts
 
 
 def recipe_for(method: str, data: str, recipes: str | Path = "recipes") -> Path:
@@ -90,13 +91,32 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def read_yaml(f: Path) -> dict:
+    """A recipe/row file as a mapping; a YAML error or a file holding a list/scalar is a DataError naming it."""
+    from datamodules.errors import DataError
+    try:
+        cfg = yaml.safe_load(Path(f).read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise DataError(f, f"not valid YAML{line}: {getattr(e, 'problem', None) or e}",
+                        "fix the file (a row file holds only the row's deltas, e.g. `model: {init_args: "
+                        "{beta: 0.5}}`)") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise DataError(f, f"holds a YAML {type(cfg).__name__}, not a mapping of settings",
+                        "write the row's deltas as keys, e.g. `model:\n  init_args:\n    beta: 0.5`")
+    return cfg
+
+
 def merged_config(*files: Path | None) -> dict:
     """The YAML files merged in order as the CLI layers them (nested keys merge; a list in a later file replaces
     the earlier one); None entries are skipped."""
     merged: dict = {}
     for f in files:
         if f is not None:
-            merged = _deep_merge(merged, yaml.safe_load(Path(f).read_text()) or {})
+            merged = _deep_merge(merged, read_yaml(Path(f)))
     return merged
 
 
@@ -169,8 +189,16 @@ def wandb_setup(logger: str) -> tuple[bool, dict[str, str], str]:
         warnings.warn(f"wandb unavailable ({e}); logging to CSV only (pip install wandb)")
         return False, env, "logging: CSV only (wandb not installed)"
     mode = os.environ.get("WANDB_MODE")
+    has_key = bool(os.environ.get("WANDB_API_KEY") or _netrc_login())
+    if mode is not None and mode not in WANDB_MODES:
+        warnings.warn(f"WANDB_MODE={mode!r} is not one of {', '.join(WANDB_MODES)}: logging offline instead")
+        mode = env["WANDB_MODE"] = "offline"
+    elif mode == "online" and not has_key:
+        warnings.warn("WANDB_MODE=online but no W&B API key (WANDB_API_KEY or `wandb login`): logging offline "
+                      "instead (upload later with `wandb sync`)")
+        mode = env["WANDB_MODE"] = "offline"
     if mode is None:
-        mode = "online" if (os.environ.get("WANDB_API_KEY") or _netrc_login()) else "offline"
+        mode = "online" if has_key else "offline"
         if mode == "online" and not _reachable():
             warnings.warn("W&B server unreachable: logging offline (upload later with `wandb sync`)")
             mode = "offline"
@@ -323,7 +351,7 @@ def _tail(log: Path, n: int = 15) -> str:
 @dataclass
 class RowResult:
     row: Row
-    status: str  # finished | skipped | reused (same settings as an earlier row) | failed
+    status: str  # finished | skipped | reused (same settings as an earlier row) | failed | stale | busy
     seconds: float = 0.0
     message: str = ""
 
@@ -372,17 +400,61 @@ class Ablation:
         return effective_config(recipe_for(self.method, self.data, self.recipes),
                                 sizes_for(self.method, self.data, self.recipes), row.path, self.extra)
 
+    def settings_digest(self, row: Row) -> str:
+        """sha1 of the row's merged settings and extra arguments (config_key), recorded in results.json."""
+        import hashlib
+        return hashlib.sha1(self.config_key(row).encode()).hexdigest()[:16]
+
+    def finished(self, row: Row) -> tuple[str, str]:
+        """("finished" | "stale" | "unfinished", why) from the row's results.json: a truncated or malformed file
+        is not finished (the row's test runs again); one recorded with other settings (another ARGS, an edited
+        row) is stale: reported, never silently taken as this run's figures."""
+        from .report import read_result
+        results = self.row_dir(row) / "results.json"
+        if not results.exists():
+            return "unfinished", ""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = read_result(results)
+        if res is None or not res.get("metrics"):
+            warnings.warn(f"{results} is truncated or malformed: running the row's test again")
+            results.unlink()
+            return "unfinished", ""
+        recorded, now = res.get("settings"), self.settings_digest(row)
+        if recorded is not None and recorded != now:
+            return "stale", (f"finished with other settings (results.json records {recorded}, this run's are "
+                             f"{now}: other ARGS or an edited recipe/row); to run it with these, delete "
+                             f"{self.row_dir(row)} (or use another --runs)")
+        return "finished", ""
+
     def run_row(self, row: Row, same_as: Row | None = None) -> RowResult:
         row_dir = self.row_dir(row)
         results = row_dir / "results.json"
-        if results.exists():
+        state, why = self.finished(row)
+        if state == "stale":
+            return RowResult(row, "stale", message=why)
+        if state == "finished":
             return RowResult(row, "skipped", message="finished before (delete its results.json to run it again)")
         row_dir.mkdir(parents=True, exist_ok=True)
+        import fcntl
+        with open(row_dir / ".ablate.lock", "a+") as lock:  # two runners on one folder: one trains each row
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return RowResult(row, "busy", message="another `zoo.ablate` is running this row (its lock "
+                                 f"{row_dir / '.ablate.lock'} is held): left to it")
+            if results.exists():  # the other runner finished it while this one was deciding
+                return RowResult(row, "skipped", message="finished by another runner")
+            return self._run_row_locked(row, same_as)
+
+    def _run_row_locked(self, row: Row, same_as: Row | None = None) -> RowResult:
+        row_dir = self.row_dir(row)
+        results = row_dir / "results.json"
         earlier = self.row_dir(same_as) / "results.json" if same_as is not None else None
         if earlier is not None and earlier.exists():  # same settings as a finished row: its figures, not a rerun
             out = json.loads(earlier.read_text())
             out.update(table=row.table, row=row.name, order=row.order, label=row.label, what=row.what,
-                       row_file=str(row.path), same_as=same_as.key)
+                       row_file=str(row.path), same_as=same_as.key, settings=self.settings_digest(row))
             tmp = results.with_suffix(".tmp")
             tmp.write_text(json.dumps(out, indent=1))
             tmp.replace(results)
@@ -415,6 +487,7 @@ class Ablation:
             return RowResult(row, "failed", time.time() - t0, f"test exited with {rc}; log: {log}\n{_tail(log)}")
         out = {"method": self.method, "data": self.data, "table": row.table, "row": row.name, "order": row.order,
                "label": row.label, "what": row.what, "row_file": str(row.path), "checkpoint": str(best),
+               "settings": self.settings_digest(row), "extra_args": list(self.extra),
                **timings, "test_seconds": round(time.time() - t1, 1),
                "metrics": json.loads(metrics_file.read_text())}
         tmp = results.with_suffix(".tmp")
@@ -442,7 +515,7 @@ class Ablation:
                 ran_seconds.append(res.seconds)
             note = f" in {_fmt(res.seconds)}" if res.status in ("finished", "failed") else ""
             print(f"[ablate] row {k}/{n}: {row.key} {res.status}{note}"
-                  + (f"\n{res.message}" if res.status in ("failed", "reused") else ""), flush=True)
+                  + (f"\n{res.message}" if res.status in ("failed", "reused", "stale", "busy") else ""), flush=True)
             done.append(res)
         print(f"\n[ablate] {self.method} on {self.data}: {n} rows in {_fmt(time.time() - start)}")
         for r in done:
@@ -468,6 +541,19 @@ def log_comparison(method: str, data: str, runs: Path, table_rows: list[dict], c
         warnings.warn(f"could not log the comparison table to W&B: {e}")
 
 
+def check_runs(runs: Path) -> None:
+    """--runs must be (or become) a writable folder: checked before any row starts."""
+    from datamodules.errors import DataError
+    probe = runs
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise DataError(probe, "is a file, not a folder for the row runs", "point --runs at a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataError(probe, "is not writable: the rows' checkpoints and results go here",
+                        "point --runs at a writable folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -481,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", metavar="METHOD", help="print the tables and rows of METHOD and exit")
     ap.add_argument("--table", help="only this table (folder name)")
     ap.add_argument("--rows", help="only these rows, comma separated (row names, NN_name or table/name)")
-    ap.add_argument("--logger", default=os.environ.get("LOGGER", "wandb"), choices=["wandb", "csv"],
+    ap.add_argument("--logger", default=os.environ.get("LOGGER", "wandb"), type=str.lower, choices=["wandb", "csv"],
                     help="wandb (CSV + W&B, offline without an API key) or csv (default: $LOGGER or wandb)")
     ap.add_argument("--recipes", default="recipes", help="recipe folder (holds ablations/)")
     ap.add_argument("--runs", default="runs/ablate", help="where row folders go")
@@ -496,7 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.method and args.data):
             ap.error("give METHOD and DATA (or --list METHOD)")
         tables = discover(args.method, args.recipes)
+        if args.rows is not None and not [w for w in args.rows.split(",") if w.strip()]:
+            raise ValueError(f"--rows {args.rows!r} names no row (give names separated by commas, or drop --rows "
+                             "for every row)")
         rows = select(tables, args.table, args.rows)
+        check_runs(Path(args.runs))
         recipe_for(args.method, args.data, args.recipes)
         check_data(args.data, extra, args.data_root)
     except ValueError as e:  # DataError is a ValueError
@@ -535,7 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"[ablate] {len(failed)} of {len(results)} rows failed: " + ", ".join(r.row.key for r in failed),
               file=sys.stderr)
-    return 1 if failed else 0
+    other = [r for r in results if r.status in ("stale", "busy")]
+    if other:
+        print(f"[ablate] {len(other)} rows not run here: " + ", ".join(f"{r.row.key} ({r.status})" for r in other),
+              file=sys.stderr)
+    return 1 if failed or other else 0
 
 
 if __name__ == "__main__":

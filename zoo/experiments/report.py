@@ -76,16 +76,46 @@ def load_paper(method: str, paper_dir: str | Path | None = None) -> dict[tuple[s
     return out
 
 
+def read_result(f: Path) -> dict | None:
+    """One row's results.json, or None (with a warning naming the file) when it is unreadable, truncated, not
+    an object, or holds a non-numeric rsum: such a file is skipped, never read as figures."""
+    try:
+        res = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warnings.warn(f"skipping unreadable {f}: {e}")
+        return None
+    if not isinstance(res, dict) or not isinstance(res.get("metrics", {}), dict):
+        warnings.warn(f"skipping {f}: not a results object (holds {type(res).__name__})")
+        return None
+    for split, m in res.get("metrics", {}).items():
+        bad = {k: v for k, v in (m.items() if isinstance(m, dict) else [("", m)])
+               if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)}
+        if bad:
+            warnings.warn(f"skipping {f}: non-numeric metrics in {split!r}: {bad}")
+            return None
+    return res
+
+
 def load_results(method: str, data: str, runs: str | Path = "runs/ablate") -> dict[tuple[str, str], dict]:
+    """{(table, row): results} keyed by the row's folder (<table>/<row>/results.json), not by the names the file
+    holds: a copied folder cannot stand in for another row. A file whose names disagree with its folder, or two
+    files naming one row, are reported."""
     root = Path(runs) / f"{method}_{DATA_SUFFIX[data]}"
-    out = {}
+    out, claims = {}, {}
     for f in sorted(root.glob("*/*/results.json")):
-        try:
-            res = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            warnings.warn(f"skipping unreadable {f}: {e}")
+        res = read_result(f)
+        if res is None:
             continue
-        out[(res.get("table", f.parent.parent.name), res.get("row", f.parent.name))] = res
+        folder = (f.parent.parent.name, f.parent.name)
+        claim = (res.get("table", folder[0]), res.get("row", folder[1]))
+        if claim != folder:
+            warnings.warn(f"{f} names row {'/'.join(claim)} but lies in {'/'.join(folder)}: read as "
+                          f"{'/'.join(folder)} (a copied row folder?)")
+        claims.setdefault(claim, []).append(f)
+        out[folder] = {**res, "table": folder[0], "row": folder[1]}
+    for claim, files in claims.items():
+        if len(files) > 1:
+            warnings.warn(f"{len(files)} results.json name row {'/'.join(claim)}: {', '.join(map(str, files))}")
     return out
 
 
@@ -159,6 +189,10 @@ def add_seeds(method: str, data: str, rows: list[dict], seed_runs: list[str | Pa
     to every row, and returns per table the ordering agreement with the main runs: [{table, n, seeds: [{runs,
     tau, same_best, mean_abs_diff}]}]. A row reusing the run of another row of its table (`same_as`) is left out
     of that table's agreement."""
+    for r in seed_runs:
+        folder = Path(r) / f"{method}_{DATA_SUFFIX[data]}"
+        if not folder.is_dir():
+            raise ValueError(f"--seeds {r}: no {folder} (give the runs folder of another seed's `make ablate`)")
     others = [load_results(method, data, r) for r in seed_runs]
     key, _ = our_protocol(data, {k: v for o in others for k, v in o.items()})
     for r in rows:

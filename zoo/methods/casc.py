@@ -98,6 +98,9 @@ class CASC(CASCBase):
             raise ValueError("CASC needs a local or a global branch (local and global_branch are both 'none')")
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        bad = [b for b in (beta_sweep or []) if not 0.0 <= b <= 1.0]
+        if bad:
+            raise ValueError(f"beta_sweep values must lie in [0, 1], got {bad}")
         # evaluation-only settings stay out of the checkpoint's hyper-parameters: `lightning test --ckpt_path`
         # re-applies those over the command line, which would freeze beta at its training value
         self.save_hyperparameters(ignore=list(EVAL_ARGS))
@@ -395,6 +398,11 @@ class CASC(CASCBase):
                 if grids[g] is None:
                     grids[g] = torch.empty(rows_ids.numel(), n_images * k, dtype=torch.float32, device=part.device)
                 grids[g][row_of[i_ids][:, None], cap_pos(c_ids)[None, :]] = part.float()
+        if blocks and (grids[0] is None or grids[1] is None):
+            from lightning.pytorch.utilities import rank_zero_warn
+            missing = "S_G (global_branch: none)" if grids[1] is None else "S_loc (local: none)"
+            rank_zero_warn(f"beta_sweep on a CASC without {missing}: Eq. (13) has one term, so every beta gives "
+                           "the same figures")
         for name, beta in betas:
             sims = fuse(grids[0], grids[1], beta) if blocks else torch.empty(0, n_images * k, device=device)
             metric = RetrievalMetrics(k, self.fold_size).to(sims.device)

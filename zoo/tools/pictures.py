@@ -30,7 +30,8 @@ from datamodules.layout import open_npy, split_paths  # noqa: E402
 from datamodules.text import Vocabulary  # noqa: E402
 
 from ..blocks import attend  # noqa: E402
-from ..engine.checkpoints import load_model  # noqa: E402
+from ..engine.checkpoints import check_checkpoint, load_model  # noqa: E402
+from ..engine.errors import one_line_errors  # noqa: E402
 
 
 def load_module(ckpt: str | Path):
@@ -39,6 +40,7 @@ def load_module(ckpt: str | Path):
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (train one first, e.g. `make demo`)")
+    check_checkpoint(str(path))  # a truncated file: a clear error
     return load_model(path)
 
 
@@ -48,7 +50,8 @@ def datamodule_for(model, root: str | Path, split: str = "test") -> PrecompDataM
     hp = model.hparams
     sub = hp.get("bert_model") if hp.get("text_encoder") == "bert" else None
     dm = PrecompDataModule(root, test_split=split, with_boxes=True, num_workers=0, num_regions=shape[1],
-                           feature_dim=shape[2], subword_tokenizer=sub)
+                           feature_dim=shape[2], subword_tokenizer=sub,
+                           caps_per_image=int(getattr(model, "caps_per_image", 5)))  # the checkpoint's value
     if getattr(model, "vocab_words", None) is not None:
         dm.use_vocabulary(Vocabulary.from_words(model.vocab_words))
     return dm
@@ -183,6 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--labels", type=int, default=10, help="top predicted labels shown for CASC (attention)")
     ap.add_argument("--out", default=None, help="PNG path (default: <picture>.png)")
     args = ap.parse_args(argv)
+    with one_line_errors():  # bad --image/--caption, missing boxes/checkpoint, a picture the model cannot draw
+        _draw(args)
+
+
+def _draw(args) -> None:
     model = load_module(args.ckpt)
     boxes = split_paths(args.root, args.split)["boxes"]
     if not boxes.exists():
