@@ -467,3 +467,12 @@ def test_openmp_threads_sleep_by_default_in_zoo_commands():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True)
     assert out.stdout.strip() == "ACTIVE"  # the user's choice stands
+
+
+def test_a_re_exported_class_path_is_the_same_class():
+    """An imported checkpoint stores `zoo.methods.sgraf.SGRAF`, the recipes say `zoo.methods.SGRAF`: one class."""
+    from zoo.cli import _same_class
+    assert _same_class("zoo.methods.sgraf.SGRAF", "zoo.methods.SGRAF")
+    assert _same_class("zoo.methods.casc.CASC", "zoo.methods.CASC")
+    assert not _same_class("zoo.methods.casc.CASC", "zoo.methods.CASCBase")
+    assert not _same_class("no.such.Module", "zoo.methods.CASC")

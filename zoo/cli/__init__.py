@@ -68,6 +68,21 @@ def _canonical(v):
     return str(v)
 
 
+def _same_class(a: str, b: str) -> bool:
+    """Two class paths name one class (`zoo.methods.SGRAF` is `zoo.methods.sgraf.SGRAF`, re-exported)."""
+    if a == b:
+        return True
+    import importlib
+
+    def resolve(path):
+        module, _, name = path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return path
+    return resolve(a) is resolve(b)
+
+
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.num_sanity_val_steps": 0})
@@ -91,7 +106,7 @@ class ZooCLI(LightningCLI):
         model = self.config[sub].get("model")
         given_class = getattr(model, "class_path", None) if model is not None else None
         ckpt_class = hp.get("_class_path")
-        if ckpt_class and given_class and ckpt_class != given_class:
+        if ckpt_class and given_class and not _same_class(ckpt_class, given_class):
             raise DataError(ckpt, f"this is a {ckpt_class} checkpoint, the recipe's model is {given_class}",
                             f"use a recipe of {ckpt_class.rsplit('.', 1)[-1]} (recipes/"
                             f"{ckpt_class.rsplit('.', 1)[-1].lower()}_*.yaml) or the checkpoint of this recipe")
