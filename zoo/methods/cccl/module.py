@@ -42,6 +42,14 @@ class CCCL(RetrievalModule):
             printed in Eq. (31); with 'sum' the coherence term flattens every score at the start, before the triplet
             term can separate them, and nothing is learned (observed on SynthScenes, loss stuck at b(b-1) x margin).
         eval_pair_budget: floats of per-pair intermediates per scoring chunk (bounds evaluation memory).
+        cpc_gain: 'learned' (default) CPC(Y) = alpha A^ + Y with alpha started at 0, or 'one', Eq. (7) as printed.
+        text_fc_init: 'xavier' (default, zero bias, as SGRAF) or torch's 'default' for Eq. (11)'s FC.
+        bigru_l2: l2-normalise the BiGRU's word states ("w/o BERT"; CASC's/SGRAF's convention), default True.
+        margin_per_branch: Eq. (33)'s margin divided by the number of branches averaged in F (default), or on F as
+            printed (False). sum_negatives_epochs (default 1): the warm-up on the sum over all negatives before
+            Eq. (33)'s hardest negatives. README "Why CCCL was slow" measures each of these.
+        tokenizer_digest: set from the data (BERT only): sha1 of the sub-word vocabulary and its casing; a
+            checkpoint refuses another tokenizer.
     """
 
     def __init__(self, vocab_size: int | None = None, feature_dim: int = 2048, embed_dim: int = 1024,
@@ -54,9 +62,13 @@ class CCCL(RetrievalModule):
                  use_dependency_graph: bool = True, use_context_gru: bool = True, gcn_layers: int = 1,
                  edge_norm: str = "softmax", scorer: str = "mlp", attention_smooth: float = 9.0,
                  coherence_weight: float = 0.5, coherence_reduction: str = "mean", eval_pair_budget: int = 2 ** 26,
-                 **loop_kwargs):
+                 cpc_gain: str = "learned", text_fc_init: str = "xavier", bigru_l2: bool = True,
+                 margin_per_branch: bool = True, tokenizer_digest: str | None = None, **loop_kwargs):
         loop_kwargs.setdefault("lr", 2e-4)
         loop_kwargs.setdefault("lr_decay_epochs", 15)
+        loop_kwargs.setdefault("sum_negatives_epochs", 1)  # warm-up: sum over negatives for epoch 1, Eq. (33) after
+        if coherence_weight < 0:
+            raise ValueError(f"coherence_weight (lambda of Eq. 34) must be >= 0 (0 = w/o SC-loss), got {coherence_weight}")
         super().__init__(**loop_kwargs)
         self.save_hyperparameters()
         self.net = CCCLNet(
@@ -67,7 +79,8 @@ class CCCL(RetrievalModule):
             use_local_branch=use_local_branch, use_relational_branch=use_relational_branch, use_vsf=use_vsf,
             use_avg_pool=use_avg_pool, use_max_pool=use_max_pool, use_dependency_graph=use_dependency_graph,
             use_context_gru=use_context_gru, gcn_layers=gcn_layers, edge_norm=edge_norm, scorer=scorer,
-            attention_smooth=attention_smooth, pair_budget=eval_pair_budget)
+            attention_smooth=attention_smooth, pair_budget=eval_pair_budget, cpc_gain=cpc_gain,
+            text_fc_init=text_fc_init, bigru_l2=bigru_l2)
 
     @property
     def required_inputs(self) -> tuple[str, ...]:
@@ -125,8 +138,14 @@ class CCCL(RetrievalModule):
         """L = L_t(F) + lambda L_c(S^S, S^O, S^R), Eqs. (29)-(34), on the batch's b x b pairs."""
         hp = self.hparams
         scores = self.net.branch_scores(img, cap)
-        return hybrid_loss(fuse_scores(scores), scores, self.margin, hp.coherence_weight, self.use_hardest_negative,
-                           batch["image_ids"], hp.coherence_reduction)
+        return hybrid_loss(fuse_scores(scores), scores, self.triplet_margin, hp.coherence_weight,
+                           self.use_hardest_negative, batch["image_ids"], hp.coherence_reduction)
+
+    @property
+    def triplet_margin(self) -> float:
+        """The margin of Eq. (33) on F: `margin` / (branches averaged in F) with margin_per_branch (default), so each
+        branch is asked for `margin` as in a one-score model; `margin` on F itself as printed otherwise."""
+        return self.margin / len(self.net.branches) if self.hparams.margin_per_branch else self.margin
 
     def configure_optimizers(self):
         """Adam at `lr` (2e-4), a fine-tuned BERT at `bert_lr`, both divided by 10 every lr_decay_epochs (15)."""
