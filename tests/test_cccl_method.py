@@ -325,3 +325,64 @@ def test_cccl_score_spread_grows_within_50_steps(tmp_path):
     assert half.dtype == torch.float32
     assert half[0].unique().numel() >= 0.9 * full[0].unique().numel()  # no ties from the rounding of the scorer
     assert abs(retrieval_metrics(full)["rsum"] - retrieval_metrics(half)["rsum"]) <= 2.5
+
+
+def test_checkpoint_refuses_another_subword_tokenizer(data_root, tmp_path):
+    """Issue 19 item 3: a BERT checkpoint stores its tokenizer's digest (vocabulary in id order + casing); data served
+    by another tokenizer of the same size (two sub-words swapped, or another casing) is refused at test/resume."""
+    import json
+    import shutil
+
+    from datamodules.errors import DataError
+
+    folder = minilm_folder()
+    dm = _dm(data_root, subword_tokenizer=folder)
+    model = _model(dm, text_encoder="bert", bert_model=folder)
+    assert model.tokenizer_digest is not None
+    ckpt: dict = {}
+    model.on_save_checkpoint(ckpt)
+    assert ckpt["zoo_data"]["tokenizer_digest"] == model.tokenizer_digest
+
+    def variant(name, edit):
+        out = tmp_path / name
+        out.mkdir()
+        for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(os.path.join(folder, f), out / f)
+        edit(out)
+        return str(out)
+
+    def swap(out):
+        words = (out / "vocab.txt").read_text().splitlines()
+        words[2000], words[2001] = words[2001], words[2000]
+        (out / "vocab.txt").write_text("\n".join(words) + "\n")
+
+    def cased(out):
+        cfg = json.loads((out / "tokenizer_config.json").read_text())
+        cfg["do_lower_case"] = False
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+    same = variant("same", lambda out: None)  # the same vocabulary from another folder (slow tokenizer files): fine
+    again = _model(_dm(data_root, subword_tokenizer=same), text_encoder="bert", bert_model=folder)
+    again.on_load_checkpoint(ckpt)
+    for name, edit in (("swapped", swap), ("cased", cased)):
+        other = _dm(data_root, subword_tokenizer=variant(name, edit))
+        assert len(other.subword_tokenizer_obj) == len(dm.subword_tokenizer_obj)  # the size check cannot tell
+        fresh = _model(other, text_encoder="bert", bert_model=folder)  # data first (lightning test --ckpt_path)
+        with pytest.raises(DataError, match="not the one the checkpoint was trained with"):
+            fresh.on_load_checkpoint(ckpt)
+        loaded = CCCL(text_encoder="bert", bert_model=folder, **TINY)  # checkpoint first (load_from_checkpoint)
+        loaded.on_load_checkpoint(ckpt)
+        with pytest.raises(DataError, match="sub-word tokenizer"):
+            loaded.configure_from_data(other)
+
+
+@pytest.mark.parametrize("kw, match", [({"sim_dim": 0}, "sim_dim"), ({"coherence_weight": -0.5}, "coherence_weight"),
+                                       ({"attention_smooth": -1.0}, "attention_smooth"),
+                                       ({"scorer": "linear", "use_vsf": False}, "use_vsf")])
+def test_confusing_arguments_are_clear_errors(kw, match):
+    """Issue 19 "Confusing": sim_dim 0 trained to rsum 0, a negative lambda / smoothing ran, scorer linear was
+    silently ignored without the VSF."""
+    args = dict(TINY, text_encoder="bigru", vocab_size=20)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        CCCL(**args)
