@@ -1,4 +1,4 @@
-"""Per-branch share of CCCL's F on a split: `python -m zoo.methods.cccl.branch_share CKPT [--config RECIPE ...]`.
+"""Per-branch share of CCCL's F on a split: `python -m zoo.tools.branch_share CKPT [--config RECIPE ...]`.
 
 For each branch b of F = mean_b S^b (Eq. 32): the rsum of S^b alone, its positive-negative gap (mean score of
 matched pairs minus mean of all others) and its share of F's gap, gap_b / sum_b gap_b (F's gap is the mean of
@@ -12,9 +12,9 @@ import argparse
 import torch
 import yaml
 
-from ...engine.evaluation import cat_embeddings
-from ...engine.metrics import retrieval_metrics
-from .module import CCCL
+from ..engine.evaluation import cat_embeddings
+from ..engine.metrics import retrieval_metrics
+from ..methods.cccl import CCCL
 
 
 def _data(configs: list[str]):
