@@ -386,3 +386,18 @@ def test_confusing_arguments_are_clear_errors(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         CCCL(**args)
+
+
+def test_branch_share_tool_adds_up(data_root):
+    """zoo.tools.branch_share: shares sum to 1, F's rsum is the model's own test rsum, one gain per CPC."""
+    from zoo.engine.metrics import retrieval_metrics
+    from zoo.tools.branch_share import branch_share
+
+    dm = _dm(data_root)
+    model = _model(dm)
+    out = branch_share(model, dm, "dev")
+    assert abs(sum(out[b]["share"] for b in model.net.branches) - 1) < 1e-2
+    img, cap = _val_embeddings(model, dm)
+    with torch.no_grad():
+        assert out["F"]["rsum"] == round(retrieval_metrics(model.score(img, cap), dm.caps_per_image)["rsum"], 1)
+    assert set(out["cpc_alpha"]) == {"visual", "text"}
