@@ -26,7 +26,7 @@ def float64():
 
 def test_cpc_matches_equations_and_ignores_padding():
     d, n = 6, 5
-    cell = ContextPerceivedCell(d)
+    cell = ContextPerceivedCell(d, "one")  # Eq. (7) as printed: alpha = 1
     y = torch.randn(2, n, d)
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     y[1, 3:] = 100.0  # garbage in padding
@@ -45,6 +45,53 @@ def test_cpc_matches_equations_and_ignores_padding():
             expect = (w[:, None] * V).sum(0) + Y[i]  # Eqs. (6)-(7)
             assert torch.allclose(out[b, i], expect, atol=1e-10)
     assert torch.all(out[1, 3:] == 0)
+
+
+def test_cpc_learned_gain_starts_as_the_identity_and_learns():
+    d = 6
+    cell = ContextPerceivedCell(d)  # default: CPC(Y) = alpha A^ + Y, alpha = 0 at the start
+    assert cell.residual_gain == "learned" and float(cell.alpha.detach()) == 0.0
+    y = torch.randn(2, 5, d)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    out = cell(y, mask)
+    assert torch.equal(out, y * mask[..., None])  # the identity on real items, 0 on padding
+    out.pow(2).sum().backward()
+    assert cell.alpha.grad is not None and float(cell.alpha.grad) != 0.0  # the gain is trained
+    printed = ContextPerceivedCell(d, "one")
+    printed.load_state_dict(cell.state_dict(), strict=False)
+    with torch.no_grad():
+        cell.alpha.fill_(0.3)
+        w, v = printed.attention(y, mask)
+        expect = (0.3 * (w @ v) + y) * mask[..., None]
+        assert torch.allclose(cell(y, mask), expect, atol=1e-12)
+        assert torch.allclose(printed(y, mask), ((w @ v) + y) * mask[..., None], atol=1e-12)
+    assert "alpha" not in printed.state_dict()  # Eq. (7)'s fixed 1 is not a weight
+    with pytest.raises(ValueError, match="residual_gain"):
+        ContextPerceivedCell(d, "half")
+
+
+def test_text_fc_xavier_zero_bias_and_bigru_l2():
+    from zoo.blocks.cpc import TextContextEmbedding
+    from zoo.methods import CCCL
+
+    emb = TextContextEmbedding(10, 8)
+    assert torch.all(emb.fc.bias == 0) and emb.fc.weight.abs().max() <= math.sqrt(6 / 18)
+    torch.manual_seed(0)
+    default = TextContextEmbedding(10, 8, fc_init="default")
+    assert default.fc.bias.abs().sum() > 0
+    with pytest.raises(ValueError, match="text FC init"):
+        TextContextEmbedding(10, 8, fc_init="normal")
+    model = CCCL(vocab_size=20, feature_dim=8, embed_dim=12, sim_dim=6, word_dim=8, text_encoder="bigru")
+    tokens = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]])
+    lengths = torch.tensor([5, 3])
+    e, n = model.net.word_features({"tokens": tokens, "lengths": lengths})
+    assert n.tolist() == [3, 1]
+    norms = e.norm(dim=-1)
+    assert torch.allclose(norms[0], torch.ones(3)) and torch.allclose(norms[1, :1], torch.ones(1))  # l2 per word
+    raw = CCCL(vocab_size=20, feature_dim=8, embed_dim=12, sim_dim=6, word_dim=8, text_encoder="bigru",
+               bigru_l2=False)
+    e_raw, _ = raw.net.word_features({"tokens": tokens, "lengths": lengths})
+    assert not torch.allclose(e_raw.norm(dim=-1)[0], torch.ones(3))
 
 
 def test_cpc_all_padding_row_is_finite_forward_and_backward():

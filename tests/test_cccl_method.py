@@ -266,3 +266,138 @@ def test_paper_figures_name_the_rows():
         if not r["table"].startswith(("table2_f30k", "table3_coco1k", "table4_coco5k")):
             assert (r["table"], r["row"]) in stems, r
     assert {s for t, s in stems if t == "table6_ablations"} == {r["row"] for r in rows if r["table"] == "table6_ablations"}
+
+
+@pytest.mark.slow
+def test_cccl_score_spread_grows_within_50_steps(tmp_path):
+    """Issue 15: with the defaults (CPC gain from 0, Xavier text FC, l2 BiGRU words, margin per branch, warm-up)
+    CCCL's in-batch scores separate within 50 steps on a tiny SynthScenes. Before those fixes the spread shrank
+    (hardest negatives from step 0: 0.0031 -> 0.0001) or grew 2.4x with the warm-up (positive-negative gap 0.0007);
+    now ~15x (gap ~0.03). About a minute on one busy CPU thread."""
+    from datamodules import SynthScenesDataModule
+
+    torch.manual_seed(0)
+    dm = SynthScenesDataModule(root=str(tmp_path / "ss"), n_train=100, n_dev=40, n_test=5, num_regions=12,
+                               feature_dim=64, batch_size=32, num_workers=0, with_boxes=True, with_graphs=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = CCCL(feature_dim=64, embed_dim=32, sim_dim=16, word_dim=32, text_encoder="bigru", lr=2e-3, fold_size=None)
+    model.check_data(dm)
+    model.configure_from_data(dm)
+    opt = model.configure_optimizers()["optimizer"]
+    model.train()
+    spread, gap, step = [], [], 0
+    while step < 50:
+        for batch in dm.train_dataloader():
+            img, cap = model.encode_images(batch), model.encode_captions(batch)
+            losses = model.training_losses(batch, img, cap)  # epoch 0: the warm-up (sum over negatives)
+            with torch.no_grad():
+                f = model.net.score(img, cap)
+                same = batch["image_ids"][:, None] == batch["image_ids"][None, :]
+                spread.append(float(f.std()))
+                gap.append(float(f.diagonal().mean() - f[~same].mean()))
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+            opt.step()
+            step += 1
+            if step == 50:
+                break
+    assert spread[-1] > 5 * spread[0], spread[::7]
+    assert gap[-1] > 0.01, gap[::7]  # matched pairs above the in-batch negatives
+
+    # issue 19 item 4: the same model evaluated under bf16 autocast. Before the scorer ran in fp32 a row of 200
+    # captions held 5 distinct scores and dev rsum fell from 85.0 to 40.0; now 135.5 against 133.5 (the
+    # embeddings still run in bf16; one I->T R@1 on 40 images is 2.5 rsum, so that is the tolerance here).
+    from zoo.engine.metrics import retrieval_metrics
+
+    dm.setup("validate")
+    model.eval()
+
+    def dev_scores(bf16: bool) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            batches = list(dm.val_dataloader())
+            img = cat_embeddings([model.encode_images(b) for b in batches])
+            cap = cat_embeddings([model.encode_captions(b) for b in batches])
+            return model.score(img, cap)
+
+    full, half = dev_scores(False), dev_scores(True)
+    assert half.dtype == torch.float32
+    assert half[0].unique().numel() >= 0.9 * full[0].unique().numel()  # no ties from the rounding of the scorer
+    assert abs(retrieval_metrics(full)["rsum"] - retrieval_metrics(half)["rsum"]) <= 2.5
+
+
+def test_checkpoint_refuses_another_subword_tokenizer(data_root, tmp_path):
+    """Issue 19 item 3: a BERT checkpoint stores its tokenizer's digest (vocabulary in id order + casing); data served
+    by another tokenizer of the same size (two sub-words swapped, or another casing) is refused at test/resume."""
+    import json
+    import shutil
+
+    from datamodules.errors import DataError
+
+    folder = minilm_folder()
+    dm = _dm(data_root, subword_tokenizer=folder)
+    model = _model(dm, text_encoder="bert", bert_model=folder)
+    assert model.tokenizer_digest is not None
+    ckpt: dict = {}
+    model.on_save_checkpoint(ckpt)
+    assert ckpt["zoo_data"]["tokenizer_digest"] == model.tokenizer_digest
+
+    def variant(name, edit):
+        out = tmp_path / name
+        out.mkdir()
+        for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(os.path.join(folder, f), out / f)
+        edit(out)
+        return str(out)
+
+    def swap(out):
+        words = (out / "vocab.txt").read_text().splitlines()
+        words[2000], words[2001] = words[2001], words[2000]
+        (out / "vocab.txt").write_text("\n".join(words) + "\n")
+
+    def cased(out):
+        cfg = json.loads((out / "tokenizer_config.json").read_text())
+        cfg["do_lower_case"] = False
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+    same = variant("same", lambda out: None)  # the same vocabulary from another folder (slow tokenizer files): fine
+    again = _model(_dm(data_root, subword_tokenizer=same), text_encoder="bert", bert_model=folder)
+    again.on_load_checkpoint(ckpt)
+    for name, edit in (("swapped", swap), ("cased", cased)):
+        other = _dm(data_root, subword_tokenizer=variant(name, edit))
+        assert len(other.subword_tokenizer_obj) == len(dm.subword_tokenizer_obj)  # the size check cannot tell
+        fresh = _model(other, text_encoder="bert", bert_model=folder)  # data first (lightning test --ckpt_path)
+        with pytest.raises(DataError, match="not the one the checkpoint was trained with"):
+            fresh.on_load_checkpoint(ckpt)
+        loaded = CCCL(text_encoder="bert", bert_model=folder, **TINY)  # checkpoint first (load_from_checkpoint)
+        loaded.on_load_checkpoint(ckpt)
+        with pytest.raises(DataError, match="sub-word tokenizer"):
+            loaded.configure_from_data(other)
+
+
+@pytest.mark.parametrize("kw, match", [({"sim_dim": 0}, "sim_dim"), ({"coherence_weight": -0.5}, "coherence_weight"),
+                                       ({"attention_smooth": -1.0}, "attention_smooth"),
+                                       ({"scorer": "linear", "use_vsf": False}, "use_vsf")])
+def test_confusing_arguments_are_clear_errors(kw, match):
+    """Issue 19 "Confusing": sim_dim 0 trained to rsum 0, a negative lambda / smoothing ran, scorer linear was
+    silently ignored without the VSF."""
+    args = dict(TINY, text_encoder="bigru", vocab_size=20)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        CCCL(**args)
+
+
+def test_branch_share_tool_adds_up(data_root):
+    """zoo.tools.branch_share: shares sum to 1, F's rsum is the model's own test rsum, one gain per CPC."""
+    from zoo.engine.metrics import retrieval_metrics
+    from zoo.tools.branch_share import branch_share
+
+    dm = _dm(data_root)
+    model = _model(dm)
+    out = branch_share(model, dm, "dev")
+    assert abs(sum(out[b]["share"] for b in model.net.branches) - 1) < 1e-2
+    img, cap = _val_embeddings(model, dm)
+    with torch.no_grad():
+        assert out["F"]["rsum"] == round(retrieval_metrics(model.score(img, cap), dm.caps_per_image)["rsum"], 1)
+    assert set(out["cpc_alpha"]) == {"visual", "text"}

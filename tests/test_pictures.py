@@ -65,11 +65,12 @@ def test_cccl_context_scores_from_a_checkpoint(synth, tmp_path, monkeypatch, one
     batch = pictures._item_batch(dm, 2, 0)
     w = pictures.context_scores(model, batch)
     assert w.shape == (5, 5) and torch.allclose(w.sum(-1), torch.ones(5))
-    # the weights are the CPC's own: CPC(Y) = w V + Y (Eqs. 6-7)
+    # the weights are the CPC's own: CPC(Y) = alpha w V + Y (Eqs. 6-7; alpha the learned residual gain)
     visual = model.net.visual
     y = visual.cpc_input(batch["images"], batch["boxes"])
     with torch.no_grad():
-        assert torch.allclose(visual.cpc(y)[0], w @ visual.cpc.v(y)[0] + y[0], atol=1e-6)
+        alpha = visual.cpc.alpha
+        assert torch.allclose(visual.cpc(y)[0], alpha * (w @ visual.cpc.v(y)[0]) + y[0], atol=1e-6)
         assert torch.allclose(model.net.visual(batch["images"], batch["boxes"]), visual.cpc(y))
     fig = pictures.context_figure(model, dm, image=2)
     assert len(fig.axes) == 4 and fig.axes[0].get_title().startswith("context given")

@@ -38,8 +38,17 @@ class CCCLNet(nn.Module):
                  use_local_branch: bool = True, use_relational_branch: bool = True, use_vsf: bool = True,
                  use_avg_pool: bool = True, use_max_pool: bool = True, use_dependency_graph: bool = True,
                  use_context_gru: bool = True, gcn_layers: int = 1, edge_norm: str = "softmax", scorer: str = "mlp",
-                 attention_smooth: float = 9.0, pair_budget: int = 2 ** 26):
+                 attention_smooth: float = 9.0, pair_budget: int = 2 ** 26, cpc_gain: str = "learned",
+                 text_fc_init: str = "xavier", bigru_l2: bool = True):
         super().__init__()
+        if sim_dim < 1:
+            raise ValueError(f"sim_dim (P, the VSF width) must be at least 1, got {sim_dim}")
+        if attention_smooth < 0:
+            raise ValueError(f"attention_smooth (Eq. 17's softmax inverse temperature) must be >= 0, got "
+                             f"{attention_smooth}")
+        if scorer == "linear" and not use_vsf:
+            raise ValueError("scorer: linear (w/o MLP) has nothing to score with use_vsf: false (the cosine is the "
+                             "branch score): drop one of the two switches")
         if text_encoder not in ("bert", "bigru"):
             raise ValueError(f"text_encoder must be 'bert' or 'bigru', got {text_encoder!r}")
         if scorer not in ("mlp", "linear"):
@@ -55,7 +64,9 @@ class CCCLNet(nn.Module):
         self.d, self.text_encoder_kind, self.word_dim = d, text_encoder, word_dim
         self.use_dependency_graph, self.use_context_gru = use_dependency_graph, use_context_gru
         self.attention_smooth, self.pair_budget = attention_smooth, pair_budget
-        self.visual = VisualContextEmbedding(feature_dim, d, use_box_position, use_visual_cpc, position_tuple)
+        self.bigru_l2 = bigru_l2
+        self.visual = VisualContextEmbedding(feature_dim, d, use_box_position, use_visual_cpc, position_tuple,
+                                             cpc_gain=cpc_gain)
         self.bert: BertWordEncoder | None = None
         self.bigru: BiGRUTextEncoder | None = None
         if text_encoder == "bert":
@@ -65,7 +76,7 @@ class CCCLNet(nn.Module):
             word_width = d  # the BiGRU's width (d_E); built once the vocabulary size is known
             if vocab_size is not None:
                 self.build_bigru(vocab_size)
-        self.text = TextContextEmbedding(word_width, d, use_text_cpc)
+        self.text = TextContextEmbedding(word_width, d, use_text_cpc, cpc_gain=cpc_gain, fc_init=text_fc_init)
         pooling = "max+mean" if use_avg_pool and use_max_pool else ("max" if use_max_pool else "mean")
         rel = "relational" in self.branches
         if "global" in self.branches or (rel and use_context_gru):
@@ -85,8 +96,9 @@ class CCCLNet(nn.Module):
         self.scorer = SimilarityScorer(sim_dim, self.branches, scorer if use_vsf else "identity")  # Eq. (28)
 
     def build_bigru(self, vocab_size: int) -> None:
-        """"w/o BERT": CASC's BiGRU word encoder (300-d embeddings, two directions averaged), width d, no l2."""
-        self.bigru = BiGRUTextEncoder(vocab_size, self.word_dim, self.d, normalize=False)
+        """"w/o BERT": CASC's BiGRU word encoder (300-d embeddings, two directions averaged), width d, l2-normalised
+        per word as CASC's and SGRAF's (bigru_l2=False: raw states, norm ~0.4 at the start against regions at ~6)."""
+        self.bigru = BiGRUTextEncoder(vocab_size, self.word_dim, self.d, normalize=self.bigru_l2)
 
     # ---- per item ---------------------------------------------------------------------------------
     def encode_images(self, features: torch.Tensor, boxes: torch.Tensor | None) -> Emb:

@@ -11,6 +11,9 @@ plus sim_dim (P, Figs. 4-5) and coherence_weight (lambda, Table 5).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 
 from datamodules.errors import DataError
@@ -20,6 +23,16 @@ from ...blocks.functional import l2_normalize, wide
 from ...blocks.vsf import fuse_scores
 from ...engine.module import Emb, RetrievalModule
 from .model import CCCLNet
+
+
+def tokenizer_digest(tok) -> str:
+    """sha1 (16 hex) of a transformers tokenizer's identity: its vocabulary in id order, casing and class family."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    lower = getattr(tok, "do_lower_case", None)
+    if lower is None:
+        lower = tok.init_kwargs.get("do_lower_case")
+    key = json.dumps({"vocab": vocab, "lower_case": lower}, ensure_ascii=False)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
 class CCCL(RetrievalModule):
@@ -43,6 +56,14 @@ class CCCL(RetrievalModule):
             printed in Eq. (31); with 'sum' the coherence term flattens every score at the start, before the triplet
             term can separate them, and nothing is learned (observed on SynthScenes, loss stuck at b(b-1) x margin).
         eval_pair_budget: floats of per-pair intermediates per scoring chunk (bounds evaluation memory).
+        cpc_gain: 'learned' (default) CPC(Y) = alpha A^ + Y with alpha started at 0, or 'one', Eq. (7) as printed.
+        text_fc_init: 'xavier' (default, zero bias, as SGRAF) or torch's 'default' for Eq. (11)'s FC.
+        bigru_l2: l2-normalise the BiGRU's word states ("w/o BERT"; CASC's/SGRAF's convention), default True.
+        margin_per_branch: Eq. (33)'s margin divided by the number of branches averaged in F (default), or on F as
+            printed (False). sum_negatives_epochs (default 1): the warm-up on the sum over all negatives before
+            Eq. (33)'s hardest negatives. README "Why CCCL was slow" measures each of these.
+    A BERT checkpoint stores its tokenizer's identity (tokenizer_digest: sha1 of the sub-word vocabulary in id order
+    and its casing); testing or resuming with data served by another tokenizer is an error (issue 19).
     """
 
     def __init__(self, vocab_size: int | None = None, feature_dim: int = 2048, embed_dim: int = 1024,
@@ -55,9 +76,13 @@ class CCCL(RetrievalModule):
                  use_dependency_graph: bool = True, use_context_gru: bool = True, gcn_layers: int = 1,
                  edge_norm: str = "softmax", scorer: str = "mlp", attention_smooth: float = 9.0,
                  coherence_weight: float = 0.5, coherence_reduction: str = "mean", eval_pair_budget: int = 2 ** 26,
-                 **loop_kwargs):
+                 cpc_gain: str = "learned", text_fc_init: str = "xavier", bigru_l2: bool = True,
+                 margin_per_branch: bool = True, **loop_kwargs):
         loop_kwargs.setdefault("lr", 2e-4)
         loop_kwargs.setdefault("lr_decay_epochs", 15)
+        loop_kwargs.setdefault("sum_negatives_epochs", 1)  # warm-up: sum over negatives for epoch 1, Eq. (33) after
+        if coherence_weight < 0:
+            raise ValueError(f"coherence_weight (lambda of Eq. 34) must be >= 0 (0 = w/o SC-loss), got {coherence_weight}")
         super().__init__(**loop_kwargs)
         self.save_hyperparameters()
         self.net = CCCLNet(
@@ -68,7 +93,11 @@ class CCCL(RetrievalModule):
             use_local_branch=use_local_branch, use_relational_branch=use_relational_branch, use_vsf=use_vsf,
             use_avg_pool=use_avg_pool, use_max_pool=use_max_pool, use_dependency_graph=use_dependency_graph,
             use_context_gru=use_context_gru, gcn_layers=gcn_layers, edge_norm=edge_norm, scorer=scorer,
-            attention_smooth=attention_smooth, pair_budget=eval_pair_budget)
+            attention_smooth=attention_smooth, pair_budget=eval_pair_budget, cpc_gain=cpc_gain,
+            text_fc_init=text_fc_init, bigru_l2=bigru_l2)
+
+    tokenizer_digest: str | None = None  # the training data's sub-word tokenizer (BERT only), kept in checkpoints
+    tokenizer_source: str | None = None
 
     @property
     def required_inputs(self) -> tuple[str, ...]:
@@ -111,6 +140,31 @@ class CCCL(RetrievalModule):
             if tok is not None and len(tok) > n_model:
                 raise DataError(None, f"data.subword_tokenizer ({datamodule.subword_tokenizer}) has {len(tok)} sub-words but "
                                 f"model.bert_model ({hp.bert_model}) knows {n_model}", "give both the same model")
+            if tok is not None:
+                self.tokenizer_source = str(datamodule.subword_tokenizer)
+                self.check_tokenizer(tokenizer_digest(tok), self.tokenizer_source, self.tokenizer_digest)
+                self.tokenizer_digest = tokenizer_digest(tok)
+
+    @staticmethod
+    def check_tokenizer(data_digest: str | None, data_source: str | None, trained_digest: str | None) -> None:
+        """Refuses sub-words from another tokenizer than the checkpoint's (other vocabulary, order or casing)."""
+        if data_digest is None or trained_digest is None or data_digest == trained_digest:
+            return
+        raise DataError(data_source, f"this sub-word tokenizer (digest {data_digest}) is not the one the checkpoint was "
+                        f"trained with (digest {trained_digest}): its vocabulary or casing differs, so every "
+                        "sub-word id would mean another piece", "set data.subword_tokenizer to the tokenizer the "
+                        "model was trained with (the training recipe's data.subword_tokenizer)")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["zoo_data"]["tokenizer_digest"] = self.tokenizer_digest
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = (checkpoint.get("zoo_data") or {}).get("tokenizer_digest")
+        if saved is not None:  # set at setup when data are attached (test, fit resume): compare, else adopt
+            self.check_tokenizer(self.tokenizer_digest, self.tokenizer_source, saved)
+            self.tokenizer_digest = saved
 
     # ---- RetrievalModule --------------------------------------------------------------------------
     def encode_images(self, batch: dict) -> Emb:
@@ -134,8 +188,14 @@ class CCCL(RetrievalModule):
         """L = L_t(F) + lambda L_c(S^S, S^O, S^R), Eqs. (29)-(34), on the batch's b x b pairs."""
         hp = self.hparams
         scores = self.net.branch_scores(img, cap)
-        return hybrid_loss(fuse_scores(scores), scores, self.margin, hp.coherence_weight, self.use_hardest_negative,
-                           batch["image_ids"], hp.coherence_reduction)
+        return hybrid_loss(fuse_scores(scores), scores, self.triplet_margin, hp.coherence_weight,
+                           self.use_hardest_negative, batch["image_ids"], hp.coherence_reduction)
+
+    @property
+    def triplet_margin(self) -> float:
+        """The margin of Eq. (33) on F: `margin` / (branches averaged in F) with margin_per_branch (default), so each
+        branch is asked for `margin` as in a one-score model; `margin` on F itself as printed otherwise."""
+        return self.margin / len(self.net.branches) if self.hparams.margin_per_branch else self.margin
 
     def configure_optimizers(self):
         """Adam at `lr` (2e-4), a fine-tuned BERT at `bert_lr`, both divided by 10 every lr_decay_epochs (15)."""
