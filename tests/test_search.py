@@ -381,3 +381,44 @@ def test_first_stage_from_another_checkpoint(casc_base, image_index, tmp_path):
     exact = Index(image_index).query(text=text, k=12, rerank=None)  # stage 2 is still the main checkpoint's score
     got = idx.query(text=text, k=12, rerank=12)
     assert [(h.id, h.score) for h in got.hits] == [(h.id, h.score) for h in exact.hits]
+
+
+@pytest.fixture(scope="module")
+def vse_infinity(casc_base):
+    _, root, base = casc_base  # the same tiny SynthScenes (and so the same vocabulary) as casc_base
+    return train_tiny("vse_infinity_synth.yaml", root, base)
+
+
+def test_a_global_method_s_first_stage_is_its_own_score(vse_infinity, casc_base, tmp_path):
+    """VSE-infinity's global_embedding is its (unit) vector, so stage 1 alone already ranks as its exact score:
+    two-stage with rerank = k gives the exhaustive ids for every query."""
+    _, root, _ = casc_base
+    model = load_model(vse_infinity)
+    dm = gallery_datamodule(model, root, "test")
+    batch = collate([dm.dataset("test")[i] for i in range(4)])
+    with torch.no_grad():
+        img, cap = model.encode_images(batch), model.encode_captions(batch)
+    assert torch.allclose(model.global_embedding(img, "images"), img["vector"], atol=1e-6)  # already unit length
+    assert torch.allclose(model.global_embedding(cap, "captions"), cap["vector"], atol=1e-6)
+    idx = Index(build_index(vse_infinity, root, "test", "images", tmp_path / "vse", chunk=5, progress=False))
+    for text in [c for caps in idx.meta["captions"][:4] for c in caps[:2]]:
+        exact = idx.query(text=text, k=3, rerank=None)
+        got = idx.query(text=text, k=3, rerank=3)
+        assert [h.id for h in got.hits] == [h.id for h in exact.hits]
+        assert np.allclose([h.score for h in got.hits], [h.score for h in exact.hits], atol=1e-5)
+
+
+def test_vse_infinity_as_the_first_stage_of_a_cross_attention_re_ranker(casc_base, image_index, vse_infinity,
+                                                                         tmp_path):
+    ckpt, root, _ = casc_base
+    idx = Index(build_index(ckpt, root, "test", "images", tmp_path / "fs", chunk=5, progress=False,
+                            first_stage=vse_infinity))
+    fs = Index(build_index(vse_infinity, root, "test", "images", tmp_path / "vse", chunk=5, progress=False))
+    assert np.allclose(idx.glob[:], fs.glob[:], atol=1e-6)  # stage 1 = VSE-infinity's vectors
+    text = idx.meta["captions"][5][0]
+    exact = Index(image_index).query(text=text, k=12, rerank=None)  # stage 2 = CASC-base's exact score
+    got = idx.query(text=text, k=12, rerank=12)
+    assert [(h.id, h.score) for h in got.hits] == [(h.id, h.score) for h in exact.hits]
+    few = idx.query(text=text, k=4, rerank=4)  # the candidates are VSE-infinity's top 4, ordered by CASC-base
+    vse_top = {h.id for h in fs.query(text=text, k=4, rerank=None).hits}
+    assert {h.id for h in few.hits} == vse_top

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.errors import DataError
 
-from ..blocks import mean_region_vector, mean_word_vector, triplet_ranking_loss
+from ..blocks import l2_normalize, mean_region_vector, mean_word_vector, triplet_ranking_loss
 from .evaluation import Emb, cat_embeddings, gather_and_order, gather_padded, score_blockwise
 from .metrics import RetrievalMetrics
 from .progress import lightning_progress
@@ -86,11 +86,15 @@ class RetrievalModule(L.LightningModule):
         """One unit vector per item, [N, d] float32, for a search's first stage (zoo.search: an inner-product index
         picks the candidates that `score` re-ranks). side "images": the l2-normalised mean of the regions;
         "captions": that of the real words (CASC Table I row 3's vectors, semantic.mean_region_vector /
-        mean_word_vector). A method whose score is global returns its own embedding; any method may override."""
+        mean_word_vector). A method whose score is global (VSE++, VSE-infinity: one "vector" per item, score = the
+        dot product) gives that vector l2-normalised, so with image_norm/text_norm on (their default) stage 1 ranks
+        exactly as the method does; any method may override."""
+        if side not in ("images", "captions"):
+            raise ValueError(f"side must be 'images' or 'captions', got {side!r}")
+        if "vector" in emb:
+            return l2_normalize(emb["vector"].float())
         if side == "images":
             return mean_region_vector(emb["regions"])
-        if side != "captions":
-            raise ValueError(f"side must be 'images' or 'captions', got {side!r}")
         return mean_word_vector(emb["words"], emb["lengths"] if "lengths" in emb else emb["n_words"])
 
     def configure_from_data(self, datamodule) -> None:
