@@ -307,8 +307,11 @@ def test_cccl_score_spread_grows_within_50_steps(tmp_path):
     assert gap[-1] > 0.01, gap[::7]  # matched pairs above the in-batch negatives
 
     # issue 19 item 4: the same model evaluated under bf16 autocast. Before the scorer ran in fp32 a row of 200
-    # captions held 5 distinct scores and dev rsum fell from 85.0 to 40.0; now 135.5 against 133.5 (the
-    # embeddings still run in bf16; one I->T R@1 on 40 images is 2.5 rsum, so that is the tolerance here).
+    # captions held 5 distinct scores and dev rsum fell from 85.0 to 40.0. Now (main after the merges, 1 or 2
+    # threads alike) rsum 124.5 in bf16 against 121.0 in fp32, mean |error| 0.8 % of the scores' spread, and 97.5 %
+    # (I->T) / 98 % (T->I) of the top-1s unchanged: the embeddings still run in bf16 and this 50-step model has
+    # many near ties, so the rsum is bounded by two I->T R@1 flips on 40 images (2 x 2.5) and the rankings by
+    # their top-1 agreement.
     from zoo.engine.metrics import retrieval_metrics
 
     dm.setup("validate")
@@ -324,7 +327,10 @@ def test_cccl_score_spread_grows_within_50_steps(tmp_path):
     full, half = dev_scores(False), dev_scores(True)
     assert half.dtype == torch.float32
     assert half[0].unique().numel() >= 0.9 * full[0].unique().numel()  # no ties from the rounding of the scorer
-    assert abs(retrieval_metrics(full)["rsum"] - retrieval_metrics(half)["rsum"]) <= 2.5
+    assert (full - half).abs().mean() < 0.02 * full.std()
+    assert (full.argmax(1) == half.argmax(1)).float().mean() >= 0.95  # I->T top-1
+    assert (full.argmax(0) == half.argmax(0)).float().mean() >= 0.95  # T->I top-1
+    assert abs(retrieval_metrics(full)["rsum"] - retrieval_metrics(half)["rsum"]) <= 5.0
 
 
 def test_checkpoint_refuses_another_subword_tokenizer(data_root, tmp_path):
