@@ -307,10 +307,10 @@ def test_cccl_score_spread_grows_within_50_steps(tmp_path):
     assert gap[-1] > 0.01, gap[::7]  # matched pairs above the in-batch negatives
 
     # issue 19 item 4: the same model evaluated under bf16 autocast. Before the scorer ran in fp32 a row of 200
-    # captions held 5 distinct scores and dev rsum fell from 85.0 to 40.0. Now (a fresh venv, 1 or 2
-    # threads, the cccl branch alike) rsum 124.5 in bf16 against 121.0 in fp32, mean |error| 0.8 % of the scores' spread, and 97.5 %
-    # (I->T) / 98 % (T->I) of the top-1s unchanged: the embeddings still run in bf16 and this 50-step model has
-    # many near ties, so the rsum is bounded by two I->T R@1 flips on 40 images (2 x 2.5) and the rankings by
+    # captions held 5 distinct scores and dev rsum fell from 85.0 to 40.0. Now (a fresh venv, 1 or 2 threads, the
+    # cccl branch alike) rsum 124.5 in bf16 against 121.0 in fp32, mean |error| 0.8 % of the scores' spread, and
+    # 97.5 % (I->T) / 98 % (T->I) of the top-1s unchanged: the embeddings still run in bf16 and this 50-step model
+    # has many near ties, so the rsum is bounded by two I->T R@1 flips on 40 images (2 x 2.5) and the rankings by
     # their top-1 agreement.
     from zoo.engine.metrics import retrieval_metrics
 
