@@ -215,6 +215,7 @@ def test_report_from_fixed_runs_matches_the_hand_written_tables(tmp_path):
         "| X | first thing | 10.0 | 20.0 | 30.0 | 5.0 | 15.0 | 25.0 | 105.0 | +0.0 | 420.0 | +0.0 | 475.0 | +0.0 |\n"
         "| Y | second | 12.0 | 22.0 | 32.0 | 6.0 | 16.0 | 26.0 | 114.0 | +9.0 | 426.0 | +6.0 | — | — |\n"
         "| Z (not run) | third | — | — | — | — | — | — | — | — | — | — | — | — |\n\n"
+        "Ordering against the paper's F30K rsum (2 rows in both): Kendall τ = 1.00, same best row: yes.\n\n"
         "## tB\n\n" + head +
         "| W | fourth | 1.0 | 2.0 | 3.0 | 4.0 | 5.0 | 6.0 | 21.0 | +0.0 | — | — | — | — |\n")
     assert paths["md"].read_text(encoding="utf-8") == expected
@@ -254,6 +255,23 @@ def test_seed_agreement_in_the_report(tmp_path):
     assert "| rsum | rsum, other seeds | Δ |" in md and "| 30.0 | 25.0 | +20.0 |" in md
     assert (f"Ordering against `{other}` (3 rows run in both): Kendall τ = 0.33, same best row: no, "
             "mean |rsum difference| = 6.0.") in md
+    assert "against the paper" not in md  # no paper figures here
+
+
+def test_paper_ordering_agreement(tmp_path):
+    """Kendall τ of our rsums against the paper's per table (issue 15: the ablation rows read against Table 6)."""
+    from zoo.experiments.report import paper_agreement
+
+    rows = [{"table": "t", "row": r, "rsum": ours, "paper_f30k_rsum": f30k, "paper_coco_rsum": coco, "same_as": sa}
+            for r, ours, f30k, coco, sa in [("a", 10, 500, 530, None), ("b", 30, 490, None, None),
+                                            ("c", 20, 480, 520, None), ("d", 20, 470, 510, "t/c"),
+                                            ("e", None, 460, 500, None)]]
+    # f30k over a, b, c (d reuses c's run, e not run): ours b > c > a, paper a > b > c -> (a,b) -, (a,c) -,
+    # (b,c) + -> tau = -1/3; coco over a, c: ours c > a, paper a > c -> -1
+    f30k, coco = paper_agreement(rows, "t")
+    assert f30k == {"dataset": "f30k", "n": 3, "tau": pytest.approx(-1 / 3), "same_best": False}
+    assert coco == {"dataset": "coco", "n": 2, "tau": -1.0, "same_best": False}
+    assert paper_agreement(rows, "other") == []
 
 
 # ---- end to end -----------------------------------------------------------------------------------------

@@ -218,6 +218,23 @@ def add_seeds(method: str, data: str, rows: list[dict], seed_runs: list[str | Pa
     return agreement
 
 
+def paper_agreement(rows: list[dict], table: str) -> list[dict]:
+    """Our ordering of a table's rows against the paper's: per paper dataset with at least two rows where both rsums
+    exist, [{dataset, n, tau, same_best}]. A row reusing another row of this table (`same_as`) is left out."""
+    trs = [r for r in rows if r["table"] == table and r["rsum"] is not None
+           and not (r.get("same_as") or "").startswith(f"{table}/")]
+    out = []
+    for ds in ("f30k", "coco"):
+        both = [r for r in trs if r.get(f"paper_{ds}_rsum") is not None]
+        if len(both) < 2:
+            continue
+        ours, paper = [r["rsum"] for r in both], [r[f"paper_{ds}_rsum"] for r in both]
+        out.append({"dataset": ds, "n": len(both), "tau": kendall_tau(ours, paper),
+                    "same_best": max(both, key=lambda r: r["rsum"])["row"]
+                    == max(both, key=lambda r: r[f"paper_{ds}_rsum"])["row"]})
+    return out
+
+
 def _f(v: float | None, signed: bool = False) -> str:
     if v is None:
         return "—"
@@ -261,6 +278,10 @@ def to_markdown(method: str, data: str, rows: list[dict], runs: str | Path = "ru
             if seeded:
                 cells.insert(9, " / ".join(_f(v) for v in r["seed_rsums"]))
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        for pa in paper_agreement(rows, table):
+            name = "F30K" if pa["dataset"] == "f30k" else coco_head.split()[1]
+            lines += ["", f"Ordering against the paper's {name} rsum ({pa['n']} rows in both): Kendall τ = "
+                      f"{pa['tau']:.2f}, same best row: {'yes' if pa['same_best'] else 'no'}."]
         for sd in by_table.get(table, []):
             lines += ["", f"Ordering against `{sd['runs']}` ({sd['n']} rows run in both): Kendall τ = "
                       f"{sd['tau']:.2f}, same best row: {'yes' if sd['same_best'] else 'no'}, "
