@@ -57,6 +57,7 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | DAN   | Sec. 3.2 memory-guided attention step  | dan.DANAttention (+ dan.masked_softmax)       |
 | DAN   | Sec. 4.2 m-DAN: K steps, separate memories | dan.MDAN                                  |
 | DAN   | Sec. 4.2 S = sum_k v^(k) . u^(k)       | dan.dan_similarity                            |
+| sm-LSTM | Sec. 3 saliency + multimodal LSTM, per pair | smlstm.SelectiveMultimodalLSTM           |
 """
 from .attention import (RegionWordScores, attend, attention_weights, cross_attention_similarity, i2t_similarity,
                         reference_scoring, region_word_scores, t2i_similarity)
