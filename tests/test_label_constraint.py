@@ -150,6 +150,7 @@ def test_trains_from_labelled_data_saves_and_reloads(tmp_path):
     assert torch.equal(model.label_constraint.pos_weight, dm.label_pos_weights.float())
     opt = trainer.optimizers[0]
     assert [g["lr"] for g in opt.param_groups] == [model.lr, 0.01]  # the head's own group (CASC's released lr)
+    assert model.hparams.label_settings == {"hidden": 4}  # as given: a resume compares it with the recipe's
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
     loaded = CASCBase.load_from_checkpoint(str(ckpt))

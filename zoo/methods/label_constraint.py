@@ -114,8 +114,9 @@ class LabelConstraintMixin:
         s = self._label_settings
         self.label_constraint_module = LabelConstraint(self._label_dim, num_labels, int(s["hidden"]),
                                                        float(s["alpha"]), s["reduction"], bool(s["positive_weights"]))
+        # hparams keep label_settings as given (a resume compares them with the recipe's); a checkpoint rebuilds
+        # the head from its stored label dictionary (on_load_checkpoint, before the weights load)
         s["num_labels"] = num_labels
-        self.hparams["label_settings"] = dict(s)  # so checkpoints rebuild the head before loading its weights
 
     def matched_attended_vectors(self, img: Emb, cap: Emb) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} does not expose per-pair attended vectors, so it cannot "
@@ -156,6 +157,8 @@ class LabelConstraintMixin:
         if not self.uses_label_constraint or words is None:
             return
         assignment = checkpoint["zoo_data"].get("label_assignment")
+        if self.label_constraint is None:  # load_from_checkpoint without data: the head's size is the dictionary's
+            self._build_label_constraint(len(words))
         if self.label_words is not None:
             check_label_dictionary(self.label_words, self.label_assignment, self.label_source, words, assignment)
         self.label_words, self.label_assignment = words, assignment
