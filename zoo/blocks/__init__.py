@@ -51,6 +51,13 @@ Where each equation lives (search for the tag, e.g. "CASC Eq. (4)"):
 | SGRAF | SAF (filtration)                       | sgraf.AttentionFiltration                     |
 | SGRAF | SGR (one graph reasoning step)         | sgraf.GraphReasoning                          |
 | SCAN  | t-i / i-t attention, AVG / LSE         | attention.t2i_similarity / i2t_similarity (CASC-base's scorer) |
+| CASC  | (10)-(12) label constraint, any method | semantic.label_constraint_loss (+ paired_global_vectors) |
+| CASC  | (10)-(12) as a switch on a method      | methods.label_constraint.LabelConstraintMixin |
+| DAN   | Sec. 3.1 BiLSTM words, directions summed | encoders.BiLSTMTextEncoder                  |
+| DAN   | Sec. 3.2 memory-guided attention step  | dan.DANAttention (+ dan.masked_softmax)       |
+| DAN   | Sec. 4.2 m-DAN: K steps, separate memories | dan.MDAN                                  |
+| DAN   | Sec. 4.2 S = sum_k v^(k) . u^(k)       | dan.dan_similarity                            |
+| sm-LSTM | Sec. 3 saliency + multimodal LSTM, per pair | smlstm.SelectiveMultimodalLSTM           |
 """
 from .attention import (RegionWordScores, attend, attention_weights, cross_attention_similarity, i2t_similarity,
                         reference_scoring, region_word_scores, t2i_similarity)

@@ -258,3 +258,22 @@ class _GRUDirection(torch.autograd.Function):
             carry = torch.addmm(dh * zs, d_gh[sl], w_hh)  # d h_prev
         d_w = d_gh.t() @ h_prev  # one product for every step
         return d_gates, d_w, d_gh.sum(0), None, None
+
+
+class BiLSTMTextEncoder(nn.Module):
+    """DAN Sec. 3.1: word embeddings -> bidirectional LSTM, u_t = the sum of the two directions' states (no norm).
+
+    tokens [C, L] (0 = padding), lengths [C] -> [C, L, d]; padded positions are exactly 0.
+    """
+
+    def __init__(self, vocab_size: int, word_dim: int = 512, embed_dim: int = 512):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        self.rnn = nn.LSTM(word_dim, embed_dim, batch_first=True, bidirectional=True)
+        self.embed_dim = embed_dim
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])  # zeros on padding
+        return out[..., : self.embed_dim] + out[..., self.embed_dim :]

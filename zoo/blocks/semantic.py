@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import RegionWordScores, block_global_weights
+from .attention import RegionWordScores, block_global_weights, paired_global_weights
 from .functional import l2_normalize, masked_mean, wide
 
 
@@ -41,6 +41,27 @@ class LabelHead(nn.Module):
 
     def from_projected(self, p: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.tanh(p + self.fc1.bias))
+
+
+def paired_global_vectors(regions: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor, *, smooth_i2t: float,
+                          smooth_t2i: float, norm: str = "clipped_l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """CASC Eq. (10) for matched pairs (row n with row n): A^I [B, d] and A^T [B, d], convex combinations of the
+    pair's regions and real words with the weights of the two attention directions (Eqs. (4)/(6))."""
+    w_r, w_l = paired_global_weights(regions, words, lengths, smooth_i2t=smooth_i2t, smooth_t2i=smooth_t2i, norm=norm)
+    a_img = torch.einsum("br,brd->bd", w_r.to(regions.dtype), regions)  # Eq. (10), A^I
+    a_txt = torch.einsum("bl,bld->bd", w_l.to(words.dtype), words)  # Eq. (10), A^T
+    return a_img, a_txt
+
+
+def label_constraint_loss(head: LabelHead, a_img: torch.Tensor, a_txt: torch.Tensor, targets: torch.Tensor,
+                          pos_weight: torch.Tensor | None = None, reduction: str = "mean",
+                          alpha: float = 10.0) -> torch.Tensor:
+    """CASC Eqs. (11)-(12), the label term: alpha * (BCE(head(A^I), Y) + BCE(head(A^T), Y)) over matched pairs.
+
+    a_img / a_txt [B, d]: any method's per-pair global attended vectors; targets [B, K] the pairs' label sets.
+    """
+    return alpha * (weighted_label_bce(head(a_img), targets, pos_weight, reduction)
+                    + weighted_label_bce(head(a_txt), targets, pos_weight, reduction))
 
 
 def pair_label_logits(head: LabelHead, w_regions: torch.Tensor, regions_proj: torch.Tensor, w_words: torch.Tensor,

@@ -32,13 +32,13 @@ from datamodules.errors import DataError
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity, region_word_scores, triplet_ranking_loss
 from ..blocks.fast_attention import length_groups
 from ..blocks.functional import masked_mean, use_reference, wide
-from ..blocks.attention import paired_global_weights
 from ..blocks.semantic import (LabelHead, fuse, global_label_similarity_labels, global_label_similarity_pairs,
                                local_similarity, max_local_similarity, mean_pooled_cosine, pair_label_cosine,
-                               prediction_cosine, weighted_label_bce)
+                               label_constraint_loss, paired_global_vectors, prediction_cosine)
 from ..engine.evaluation import Emb, gather_padded
 from ..engine.metrics import RetrievalMetrics
 from .casc_base import CASCBase
+from .label_constraint import check_label_dictionary
 
 LOCALS = ("attention", "max", "none")
 GLOBALS = ("label", "cosine", "none")
@@ -152,25 +152,7 @@ class CASC(CASCBase):
         if self.hparams.positive_weights:
             self.pos_weight.copy_(datamodule.label_pos_weights.to(self.pos_weight))
 
-    @staticmethod
-    def check_label_dictionary(data_words: list[str], data_assignment: str | None, data_source: str | None,
-                               trained_words: list[str] | None, trained_assignment: str | None) -> None:
-        """Refuses data whose label ids would mean other words (or come from other tokens) than in training:
-        the head's outputs are the trained dictionary's words, compared word by word as the vocabulary is."""
-        if trained_words is not None and list(data_words) != list(trained_words):
-            diff = next((i for i, (a, b) in enumerate(zip(data_words, trained_words)) if a != b),
-                        min(len(data_words), len(trained_words)))
-            where = (f"label {diff} is {data_words[diff]!r} in the data but {trained_words[diff]!r} in training"
-                     if diff < min(len(data_words), len(trained_words)) else "one list is longer")
-            raise DataError(data_source, "this label dictionary is not the one the checkpoint was trained with "
-                            f"({len(trained_words)} labels in training, {len(data_words)} here; {where}), so the "
-                            "head's outputs would name other words than the caption vectors and targets",
-                            "use the training run's data.label_pos, data.num_labels, data.label_counts_from and "
-                            "label_stopwords (and its data)")
-        if trained_assignment is not None and data_assignment is not None and data_assignment != trained_assignment:
-            raise DataError(data_source, "the checkpoint was trained with data.label_assignment "
-                            f"{trained_assignment!r}, the data assigns labels by {data_assignment!r}",
-                            f"set data.label_assignment: {trained_assignment}")
+    check_label_dictionary = staticmethod(check_label_dictionary)
 
     # the label dictionary travels with the weights: predicted labels (Fig. 4) are named without the data
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -284,17 +266,20 @@ class CASC(CASCBase):
         return fuse(s_loc, s_g, self.beta)
 
     # ---- training --------------------------------------------------------------------------------------------------
-    def pair_label_logits(self, img: Emb, cap: Emb) -> tuple[torch.Tensor, torch.Tensor]:
-        """Label logits of the matched pairs (row n with row n) from A^I and A^T: ([B, K], [B, K])."""
+    def matched_attended_vectors(self, img: Emb, cap: Emb) -> tuple[torch.Tensor, torch.Tensor]:
+        """The label head's inputs for the matched pairs (row n with row n): A^I, A^T of Eq. (10) ([B, d] each),
+        or the mean-pooled regions / real words (label_vectors: mean)."""
         hp = self.hparams
         v, t, lengths = img["regions"], cap["words"], cap["lengths"]
         if hp.label_vectors == "mean":
             mask = torch.arange(t.shape[1], device=t.device)[None] < lengths[:, None]
-            return self.label_head(v.mean(1)), self.label_head(masked_mean(t, mask[..., None], dim=1))
-        w_r, w_l = paired_global_weights(v, t, lengths, smooth_i2t=hp.lambda_i2t, smooth_t2i=hp.lambda_t2i,
-                                         norm=hp.score_norm)
-        a_img = torch.einsum("br,brd->bd", w_r.to(v.dtype), v)  # Eq. (10), A^I
-        a_txt = torch.einsum("bl,bld->bd", w_l.to(t.dtype), t)  # Eq. (10), A^T
+            return v.mean(1), masked_mean(t, mask[..., None], dim=1)
+        return paired_global_vectors(v, t, lengths, smooth_i2t=hp.lambda_i2t, smooth_t2i=hp.lambda_t2i,
+                                     norm=hp.score_norm)  # Eq. (10)
+
+    def pair_label_logits(self, img: Emb, cap: Emb) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label logits of the matched pairs (row n with row n) from A^I and A^T: ([B, K], [B, K])."""
+        a_img, a_txt = self.matched_attended_vectors(img, cap)
         return self.label_head(a_img), self.label_head(a_txt)
 
     def training_losses(self, batch: dict, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
@@ -308,13 +293,12 @@ class CASC(CASCBase):
         if hp.global_branch == "cosine":
             losses["triplet_global"] = triplet_ranking_loss(s_g, self.margin, hard, ids)
         if self.uses_labels:
-            logits_img, logits_txt = self.pair_label_logits(img, cap)
+            a_img, a_txt = self.matched_attended_vectors(img, cap)
             pw = self.pos_weight if hp.positive_weights else None
             y = batch["labels"]  # the image's training label set (union over its training captions)
             # Eq. (11)-(12) as released: mean over batch x labels for each prediction, times alpha (= 10); the
             # literal sum (label_reduction: sum) is ~B*K times larger against the batch-summed triplet loss.
-            losses["label"] = hp.alpha * (weighted_label_bce(logits_img, y, pw, hp.label_reduction)
-                                          + weighted_label_bce(logits_txt, y, pw, hp.label_reduction))
+            losses["label"] = label_constraint_loss(self.label_head, a_img, a_txt, y, pw, hp.label_reduction, hp.alpha)
         return losses
 
     def configure_optimizers(self):

@@ -10,10 +10,12 @@ import torch
 from datamodules.errors import DataError
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity
+from ..blocks.semantic import paired_global_vectors
 from ..engine.module import Emb, RetrievalModule
+from .label_constraint import LabelConstraintMixin
 
 
-class CASCBase(RetrievalModule):
+class CASCBase(LabelConstraintMixin, RetrievalModule):
     """CASC-base. `direction` selects 'both' (CASC-base), 'i2t' or 't2i' (the single-branch variants).
 
     Args:
@@ -24,12 +26,16 @@ class CASCBase(RetrievalModule):
         aggregation: 'mean' (CASC) or 'lse' (SCAN's LogSumExp, temperature lse_temperature).
         aggregation_i2t / aggregation_t2i: per-direction override of `aggregation` (None = aggregation); the
             authors' released code pools I2T with LogSumExp and T2I with the mean.
+        label_constraint: add CASC's label constraint (Eqs. 10-12) to training, e.g. CASC-SCAN = a SCAN preset with
+            it on; A^I / A^T come from both attention directions (lambda_t2i / lambda_i2t) whatever `direction`
+            scores. label_settings: its options (zoo.methods.label_constraint.LABEL_DEFAULTS; CASC's released ones).
     """
 
     def __init__(self, vocab_size: int | None = None, feature_dim: int = 2048, embed_dim: int = 1024,
                  word_dim: int = 300, direction: str = "both", lambda_i2t: float = 9.0, lambda_t2i: float = 4.0,
                  score_norm: str = "clipped_l2", aggregation: str = "mean", lse_temperature: float = 6.0,
-                 aggregation_i2t: str | None = None, aggregation_t2i: str | None = None, **loop_kwargs):
+                 aggregation_i2t: str | None = None, aggregation_t2i: str | None = None,
+                 label_constraint: bool = False, label_settings: dict | None = None, **loop_kwargs):
         super().__init__(**loop_kwargs)
         if direction not in ("both", "i2t", "t2i"):
             raise ValueError(f"direction must be 'both', 'i2t' or 't2i', got {direction!r}")
@@ -38,6 +44,7 @@ class CASCBase(RetrievalModule):
         self.text_encoder: BiGRUTextEncoder | None = None
         if vocab_size is not None:
             self._build_text(vocab_size)
+        self.init_label_constraint(label_constraint, label_settings, embed_dim)
 
     def _build_text(self, vocab_size: int) -> None:
         hp = self.hparams
@@ -52,6 +59,7 @@ class CASCBase(RetrievalModule):
             raise DataError(datamodule.vocab_path, f"the model's vocabulary has {self.text_encoder.embed.num_embeddings} "
                             f"words but this one has {size}", "use the vocabulary the model was trained with "
                             "(data.vocab_path; `python -m zoo.tools.vocab CKPT OUT.json` writes it from the checkpoint)")
+        super().configure_from_data(datamodule)  # the label constraint's dictionary (a no-op when it is off)
 
     def encode_images(self, batch: dict) -> Emb:
         return {"regions": self.image_encoder(batch["images"])}
@@ -72,3 +80,9 @@ class CASCBase(RetrievalModule):
         if hp.direction == "both":
             return 0.5 * (s["i2t"] + s["t2i"])
         return s[hp.direction]
+
+    def matched_attended_vectors(self, img: Emb, cap: Emb) -> tuple[torch.Tensor, torch.Tensor]:
+        """CASC Eq. (10) of the matched pairs, for the label constraint: A^I, A^T ([B, d] each)."""
+        hp = self.hparams
+        return paired_global_vectors(img["regions"], cap["words"], cap["lengths"], smooth_i2t=hp.lambda_i2t,
+                                     smooth_t2i=hp.lambda_t2i, norm=hp.score_norm)

@@ -1,0 +1,92 @@
+"""DAN: Dual Attention Networks, the matching model m-DAN (Nam, Ha, Kim, CVPR 2017, Sec. 4.2). No official code.
+
+Regions (the features as they are) and words (embedding -> BiLSTM, the two directions summed) each go through
+K = 2 steps of memory-guided soft attention with a separate memory per modality (zoo.blocks.dan.MDAN); the
+similarity is S = sum_{k=0..K} v^(k) . u^(k), trained with the bidirectional hinge ranking loss summed over the
+batch's negatives (the shared loop's triplet loss, hardest_negative: false). Because the memories are separate,
+every step vector depends on its own item only: S is the dot product of two per-item vectors, so evaluation is
+one matrix product per block and zoo.search ranks by it exactly.
+
+CASC-DAN (CASC Table VII): `label_constraint: true` adds CASC's label loss (Eqs. 10-12) on A^I = the mean of the
+attended visual vectors v^(1..K), A^T = the mean of the attended textual vectors u^(1..K) (README, interpretation
+table: DAN).
+"""
+from __future__ import annotations
+
+import torch
+
+from datamodules.errors import DataError
+
+from ..blocks.dan import MDAN, dan_similarity
+from ..blocks.encoders import BiLSTMTextEncoder
+from ..blocks.functional import lengths_to_mask
+from ..engine.module import Emb, RetrievalModule
+from .label_constraint import LabelConstraintMixin
+
+
+class DAN(LabelConstraintMixin, RetrievalModule):
+    """m-DAN.
+
+    Args:
+        vocab_size: word vocabulary size; None = taken from the datamodule at setup.
+        feature_dim: region feature width (the paper: 2048-d ResNet-152 grid cells; here bottom-up regions).
+        embed_dim: joint space d of v^(k), u^(k) and the memories; word_dim: word embedding size.
+        hidden_dim: size of the attention's hidden layer h_n; steps: K (2 in the paper).
+        label_constraint / label_settings: CASC's label constraint (CASC-DAN); see zoo.methods.label_constraint.
+    """
+
+    def __init__(self, vocab_size: int | None = None, feature_dim: int = 2048, embed_dim: int = 512,
+                 word_dim: int = 512, hidden_dim: int = 512, steps: int = 2, label_constraint: bool = False,
+                 label_settings: dict | None = None, **loop_kwargs):
+        loop_kwargs.setdefault("hardest_negative", False)  # DAN's ranking loss sums over the batch's negatives
+        super().__init__(**loop_kwargs)
+        for name, value in (("feature_dim", feature_dim), ("embed_dim", embed_dim), ("word_dim", word_dim),
+                            ("hidden_dim", hidden_dim), ("steps", steps)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DAN {name} must be a whole number >= 1, got {value!r}")
+        self.save_hyperparameters()
+        self.dan = MDAN(feature_dim, embed_dim, hidden_dim, steps)
+        self.text_encoder: BiLSTMTextEncoder | None = None
+        if vocab_size is not None:
+            self._build_text(vocab_size)
+        self.init_label_constraint(label_constraint, label_settings, embed_dim)
+
+    def _build_text(self, vocab_size: int) -> None:
+        self.text_encoder = BiLSTMTextEncoder(vocab_size, self.hparams.word_dim, self.hparams.embed_dim)
+        self.hparams["vocab_size"] = vocab_size  # so checkpoints rebuild the same model
+
+    def configure_from_data(self, datamodule) -> None:
+        size = datamodule.vocab_size
+        if self.text_encoder is None:
+            self._build_text(size)
+        elif self.text_encoder.embed.num_embeddings != size:
+            have = self.text_encoder.embed.num_embeddings
+            raise DataError(datamodule.vocab_path, f"the model's vocabulary has {have} words but this one has {size}",
+                            "use the vocabulary the model was trained with (data.vocab_path; "
+                            "`python -m zoo.tools.vocab CKPT OUT.json` writes it from the checkpoint)")
+        super().configure_from_data(datamodule)
+
+    def encode_images(self, batch: dict) -> Emb:
+        steps = self.dan.encode_images(batch["images"], batch.get("region_mask"))  # [I, K+1, d]
+        return {"vector": steps.flatten(1)}
+
+    def encode_captions(self, batch: dict) -> Emb:
+        if self.text_encoder is None:
+            raise RuntimeError("DAN needs vocab_size (or a datamodule with a vocabulary) before encoding text")
+        words = self.text_encoder(batch["tokens"], batch["lengths"])
+        steps = self.dan.encode_captions(words, lengths_to_mask(batch["lengths"], words.shape[1]))
+        return {"vector": steps.flatten(1)}
+
+    def score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        return dan_similarity(self._steps(img), self._steps(cap))
+
+    def _steps(self, emb: Emb) -> torch.Tensor:
+        return emb["vector"].view(emb["vector"].shape[0], self.hparams.steps + 1, self.hparams.embed_dim)
+
+    def matched_attended_vectors(self, img: Emb, cap: Emb) -> tuple[torch.Tensor, torch.Tensor]:
+        """CASC-DAN's A^I, A^T: the mean over the K attention steps of v^(k) and u^(k) (k >= 1; v^(0), u^(0) are
+        plain means, not attended)."""
+        return self._steps(img)[:, 1:].mean(1), self._steps(cap)[:, 1:].mean(1)
+
+
+__all__ = ["DAN"]
