@@ -53,3 +53,44 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def f64():
+    """float64 as the default dtype for one test (slow references compared to tight tolerances)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def fit_and_test_tiny(recipe: str, root, extra=()):
+    """`recipes/<recipe>.yaml` shrunk to a tiny SynthScenes under `root`: two training steps (asserting that some
+    parameter moved) and a test; returns the model, whose last_metrics hold the test figures."""
+    import math
+    from pathlib import Path
+
+    import lightning as L
+
+    from zoo.cli import ZooCLI
+    from zoo.engine.module import RetrievalModule
+
+    shrink = ["--data.init_args.root", str(root), "--data.init_args.n_train", "20", "--data.init_args.n_dev", "4",
+              "--data.init_args.n_test", "4", "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "4",
+              "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
+              "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",
+              "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8",
+              "--model.init_args.word_dim", "4", *extra]
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                 args=["--config", str(recipes / f"{recipe}.yaml"), *shrink])
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    before = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    trainer.fit(cli.model, cli.datamodule)
+    after = cli.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after), "no parameter moved"
+    trainer.test(cli.model, cli.datamodule, verbose=False)
+    assert math.isfinite(cli.model.last_metrics["all"]["rsum"])
+    return cli.model

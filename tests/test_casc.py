@@ -24,14 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = sorted(p for p in (ROOT / "recipes" / "ablations" / "casc").rglob("*.yaml") if not p.name.startswith("_"))
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _model(**kw):
     torch.manual_seed(0)
     args = dict(vocab_size=20, num_labels=7, feature_dim=6, embed_dim=5, word_dim=4, label_hidden=3, fold_size=None)

@@ -17,14 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(vocab_size=20, feature_dim=6, embed_dim=5, word_dim=4, fold_size=None)
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _emb(n=3, regions=3, lengths=(4, 2, 3), d=5):
     g = torch.Generator().manual_seed(1)
     lens = torch.tensor(lengths)

@@ -4,7 +4,6 @@ and the recipes train and test."""
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -13,17 +12,11 @@ from zoo.blocks.smlstm import SelectiveMultimodalLSTM
 from zoo.engine.evaluation import score_blockwise
 from zoo.methods import SMLSTM
 
+from conftest import fit_and_test_tiny
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=20, feature_dim=6, embed_dim=5, word_dim=4, hidden_dim=3, fold_size=None)
-
-
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def _softmax(z):
@@ -151,9 +144,6 @@ def synth_root(tmp_path_factory):
 def test_recipes_build_and_the_synth_ones_train_and_test(recipe, synth_root, tmp_path, monkeypatch):
     import yaml
 
-    from zoo.cli import ZooCLI
-    from zoo.engine.module import RetrievalModule
-
     cfg = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
     args = cfg["model"]["init_args"]
     assert cfg["model"]["class_path"] == "zoo.methods.SMLSTM" and args["steps"] == 3 and args["margin"] == 0.2
@@ -165,21 +155,5 @@ def test_recipes_build_and_the_synth_ones_train_and_test(recipe, synth_root, tmp
         assert cfg["data"]["init_args"][key] == base["data"]["init_args"][key]
     assert cfg["trainer"]["max_epochs"] == base["trainer"]["max_epochs"]
     monkeypatch.chdir(tmp_path)
-    shrink = ["--data.init_args.root", str(synth_root), "--data.init_args.n_train", "20", "--data.init_args.n_dev", "4",
-              "--data.init_args.n_test", "4", "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "4",
-              "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
-              "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",
-              "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8",
-              "--model.init_args.word_dim", "4", "--model.init_args.hidden_dim", "8"]
-    cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                 args=["--config", str(ROOT / "recipes" / f"{recipe}.yaml"), *shrink])
-    assert isinstance(cli.model, SMLSTM) and cli.model.uses_label_constraint == (recipe == "casc_sm_synth")
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
-    before = {k: v.clone() for k, v in cli.model.state_dict().items()}
-    trainer.fit(cli.model, cli.datamodule)
-    after = cli.model.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before if k in after), "no parameter moved"
-    trainer.test(cli.model, cli.datamodule, verbose=False)
-    assert math.isfinite(cli.model.last_metrics["all"]["rsum"])
+    model = fit_and_test_tiny(recipe, synth_root, ["--model.init_args.hidden_dim", "8"])
+    assert isinstance(model, SMLSTM) and model.uses_label_constraint == (recipe == "casc_sm_synth")

@@ -100,6 +100,24 @@ class RetrievalModule(L.LightningModule):
     def configure_from_data(self, datamodule) -> None:
         """Called once before training/evaluation with the datamodule (e.g. to size a vocabulary)."""
 
+    #: the fix named when data brings another word vocabulary than the model's embedding was built for
+    VOCAB_HINT = ("use the vocabulary the model was trained with (data.vocab_path; `python -m zoo.tools.vocab CKPT "
+                  "OUT.json` writes it from the checkpoint)")
+    OFFICIAL_VOCAB_HINT = ("use the vocabulary the model was trained with (data.vocab_path; an imported official "
+                           "model needs the official vocabulary)")
+
+    @staticmethod
+    def size_word_embedding(datamodule, encoder: torch.nn.Module | None, build, hint: str = VOCAB_HINT) -> None:
+        """A word-level text encoder (one with an `embed` table) meets the data's vocabulary: `build(size)` while the
+        encoder is None, else data with another vocabulary size is refused (DataError naming the vocabulary file)."""
+        size = datamodule.vocab_size
+        if encoder is None:
+            build(size)
+        elif encoder.embed.num_embeddings != size:
+            have = encoder.embed.num_embeddings
+            raise DataError(datamodule.vocab_path, f"the model's vocabulary has {have} words but this one has {size}",
+                            hint)
+
     def training_losses(self, batch: dict, img: Emb, cap: Emb) -> dict[str, torch.Tensor]:
         """Default objective: the hardest-negative triplet loss on the batch's pairs."""
         sims = self.score(img, cap)

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.errors import DataError
-
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity, region_word_scores, triplet_ranking_loss
 from ..blocks.fast_attention import length_groups
 from ..blocks.functional import masked_mean, use_reference, wide

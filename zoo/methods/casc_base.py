@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.errors import DataError
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, cross_attention_similarity
 from ..blocks.semantic import paired_global_vectors
@@ -52,13 +51,7 @@ class CASCBase(LabelConstraintMixin, RetrievalModule):
         self.hparams["vocab_size"] = vocab_size  # so checkpoints rebuild the same model
 
     def configure_from_data(self, datamodule) -> None:
-        size = datamodule.vocab_size
-        if self.text_encoder is None:
-            self._build_text(size)
-        elif self.text_encoder.embed.num_embeddings != size:
-            raise DataError(datamodule.vocab_path, f"the model's vocabulary has {self.text_encoder.embed.num_embeddings} "
-                            f"words but this one has {size}", "use the vocabulary the model was trained with "
-                            "(data.vocab_path; `python -m zoo.tools.vocab CKPT OUT.json` writes it from the checkpoint)")
+        self.size_word_embedding(datamodule, self.text_encoder, self._build_text)
         super().configure_from_data(datamodule)  # the label constraint's dictionary (a no-op when it is off)
 
     def encode_images(self, batch: dict) -> Emb:

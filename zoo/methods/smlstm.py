@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.errors import DataError
 
 from ..blocks import RegionEncoder
 from ..blocks.encoders import BiLSTMTextEncoder
@@ -56,14 +55,7 @@ class SMLSTM(LabelConstraintMixin, RetrievalModule):
         self.hparams["vocab_size"] = vocab_size  # so checkpoints rebuild the same model
 
     def configure_from_data(self, datamodule) -> None:
-        size = datamodule.vocab_size
-        if self.text_encoder is None:
-            self._build_text(size)
-        elif self.text_encoder.embed.num_embeddings != size:
-            have = self.text_encoder.embed.num_embeddings
-            raise DataError(datamodule.vocab_path, f"the model's vocabulary has {have} words but this one has {size}",
-                            "use the vocabulary the model was trained with (data.vocab_path; "
-                            "`python -m zoo.tools.vocab CKPT OUT.json` writes it from the checkpoint)")
+        self.size_word_embedding(datamodule, self.text_encoder, self._build_text)
         super().configure_from_data(datamodule)
 
     def encode_images(self, batch: dict) -> Emb:

@@ -48,13 +48,7 @@ class VSEPP(RetrievalModule):
         self.hparams["vocab_size"] = vocab_size
 
     def configure_from_data(self, datamodule) -> None:
-        size = datamodule.vocab_size
-        if self.text_encoder is None:
-            self._build_text(size)
-        elif self.text_encoder.embed.num_embeddings != size:
-            raise DataError(datamodule.vocab_path, f"the model's vocabulary has {self.text_encoder.embed.num_embeddings} "
-                            f"words but this one has {size}", "use the vocabulary the model was trained with "
-                            "(data.vocab_path; an imported official model needs the official vocabulary)")
+        self.size_word_embedding(datamodule, self.text_encoder, self._build_text, self.OFFICIAL_VOCAB_HINT)
 
     def encode_images(self, batch: dict) -> Emb:
         x = batch["images"]

@@ -126,14 +126,11 @@ class CCCL(RetrievalModule):
     def configure_from_data(self, datamodule) -> None:
         hp = self.hparams
         if hp.text_encoder == "bigru":
-            size = datamodule.vocab_size
-            if self.net.bigru is None:
+            def build(size: int) -> None:
                 self.net.build_bigru(size)
                 self.hparams["vocab_size"] = size  # so checkpoints rebuild the same model
-            elif self.net.bigru.embed.num_embeddings != size:
-                raise DataError(datamodule.vocab_path, f"the model's vocabulary has {self.net.bigru.embed.num_embeddings} "
-                                f"words but this one has {size}", "use the vocabulary the model was trained with "
-                                "(data.vocab_path; `python -m zoo.tools.vocab CKPT OUT.json` writes it from the checkpoint)")
+
+            self.size_word_embedding(datamodule, self.net.bigru, build)
         else:
             tok = getattr(datamodule, "subword_tokenizer_obj", None)
             n_model = int(self.net.bert.backbone.config.vocab_size)
