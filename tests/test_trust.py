@@ -476,3 +476,22 @@ def test_a_re_exported_class_path_is_the_same_class():
     assert _same_class("zoo.methods.casc.CASC", "zoo.methods.CASC")
     assert not _same_class("zoo.methods.casc.CASC", "zoo.methods.CASCBase")
     assert not _same_class("no.such.Module", "zoo.methods.CASC")
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("CASCBase", {}), ("VSEPP", {}), ("SGRAF", {}), ("DAN", {"hidden_dim": 3}), ("SMLSTM", {"hidden_dim": 3}),
+    ("CCCL", {"text_encoder": "bigru"})])
+def test_another_vocabulary_size_is_refused_naming_the_file(name, kwargs, tmp_path):
+    """Every word-level text encoder (RetrievalModule.size_word_embedding): data whose vocabulary has another size
+    than the model's embedding is a DataError naming the vocabulary file and the fix."""
+    from types import SimpleNamespace
+
+    import zoo.methods as methods
+    from datamodules.errors import DataError
+
+    cls = getattr(methods, name)
+    model = cls(vocab_size=7, feature_dim=6, embed_dim=4, word_dim=3, **kwargs)
+    vocab = tmp_path / "vocab.json"
+    with pytest.raises(DataError, match="the model's vocabulary has 7 words but this one has 9") as e:
+        model.configure_from_data(SimpleNamespace(vocab_size=9, vocab_path=vocab, with_boxes=True))
+    assert str(vocab) in str(e.value) and "trained with" in str(e.value)
