@@ -375,7 +375,7 @@ class PrecompDataModule(L.LightningDataModule):
         sampler = None
         if shuffle:
             seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-            sampler = EpochShuffleSampler(len(ds), seed)
+            sampler = self.train_sampler(len(ds), seed)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=partial(collate, with_pos=self.with_pos, with_graphs=self.with_graphs),
                           persistent_workers=self.num_workers > 0,
@@ -409,6 +409,10 @@ class PrecompDataModule(L.LightningDataModule):
                             f"features, but only {free_bytes / gib:.1f} GiB are free (at most 75 % may go to them)",
                             "use data.train_features: memory_fp16 (float16 in RAM, half-size pinned transfers: set "
                             "data.pin_memory: true) or mmap, or a device with more free memory")
+
+    def train_sampler(self, n: int, seed: int) -> Sampler:
+        """The training order over the n caption-image pairs (a subclass may group them: SynthScenes twins)."""
+        return EpochShuffleSampler(n, seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("fit", True, self.batch_size)

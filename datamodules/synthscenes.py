@@ -8,6 +8,12 @@ objects altogether. Region features never encode position: spatial relations in 
 ("a dog to the left of a ball") are recoverable only from {split}_boxes.npy.
 Captions (5 per image) come from a small grammar naming random subsets of the scene.
 
+`twins=True` (an option; the default data is unchanged) writes every scene twice, the second a mirror image of
+the first: the same detections (concept mixes), fresh feature noise, boxes mirrored left-right, regions in a new
+order. Each caption then states a left/right relation between two named objects, so within a pair of twins
+only the boxes decide which image a caption describes; a model that reads no boxes can do no better than a
+coin flip between the two (data where box position features can show what they do: CCCL's "w/o POS" row).
+
 Deterministic given (seed, sizes): the concept space comes from `world_seed`, shared by all splits.
 """
 from __future__ import annotations
@@ -53,9 +59,13 @@ class SynthScenesConfig:
     caps_per_image: int = 5
     version: int = 1
     splits: dict = field(default_factory=dict)
+    twins: bool = False  # mirror-image twin scenes whose captions state left/right relations (module docstring)
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        d = asdict(self)
+        if not d["twins"]:  # options added later leave the default data's digest (and its caches) as they were
+            del d["twins"]
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class _World:
@@ -92,6 +102,26 @@ def _sample_scene(rng: np.random.Generator, cfg: SynthScenesConfig) -> dict:
     return {"scene": list(SCENES)[rng.integers(len(SCENES))], "groups": groups}
 
 
+def _horizontal_pairs(scene: dict) -> list[tuple[int, int]]:
+    """(i, j) with group i to the left or right of group j, as _relation reads it."""
+    g = scene["groups"]
+    return [(i, j) for i in range(len(g)) for j in range(len(g)) if i != j and _relation(g[i], g[j]) in ("left", "right")]
+
+
+def _sample_twin_scene(rng: np.random.Generator, cfg: SynthScenesConfig) -> dict:
+    """A scene with at least one left/right pair of groups (so each caption can state one)."""
+    while True:
+        scene = _sample_scene(rng, cfg)
+        if _horizontal_pairs(scene):
+            return scene
+
+
+def _mirror(scene: dict) -> dict:
+    """The scene reflected left-right: x -> 1 - x for every box (relations left <-> right)."""
+    groups = [{**g, "boxes": [[1 - x2, y1, 1 - x1, y2] for x1, y1, x2, y2 in g["boxes"]]} for g in scene["groups"]]
+    return {**scene, "groups": groups}
+
+
 def _describe(grp: dict, rng: np.random.Generator) -> str:
     words = []
     if grp["size"] and rng.random() < 0.5:
@@ -116,16 +146,23 @@ def _relation(a: dict, b: dict) -> str | None:
     return "above" if dy > 0 else "below"  # image y grows downwards
 
 
-def _caption(scene: dict, rng: np.random.Generator) -> str:
+def _caption(scene: dict, rng: np.random.Generator, left_right: bool = False) -> str:
+    """left_right: the caption starts with a pair of groups and always states their left/right relation."""
     groups = scene["groups"]
-    k = int(rng.choice([1, 2, 2, 3])) if len(groups) >= 3 else int(rng.integers(1, len(groups) + 1))
-    picked = [groups[i] for i in rng.choice(len(groups), size=min(k, len(groups)), replace=False)]
+    if left_right:
+        pairs = _horizontal_pairs(scene)
+        i, j = pairs[rng.integers(len(pairs))]
+        rest = [g for n, g in enumerate(groups) if n not in (i, j)]
+        picked = [groups[i], groups[j]] + ([rest[rng.integers(len(rest))]] if rest and rng.random() < 0.3 else [])
+    else:
+        k = int(rng.choice([1, 2, 2, 3])) if len(groups) >= 3 else int(rng.integers(1, len(groups) + 1))
+        picked = [groups[i] for i in rng.choice(len(groups), size=min(k, len(groups)), replace=False)]
     first = picked[0]
     text = _describe(first, rng)
     if first["action"] and rng.random() < 0.6:
         text += (" are " if first["count"] > 1 else " is ") + first["action"]
     if len(picked) >= 2:
-        rel = _relation(first, picked[1]) if rng.random() < 0.5 else None
+        rel = _relation(first, picked[1]) if left_right or rng.random() < 0.5 else None
         text += (" " + RELATIONS[rel] + " " if rel else " and ") + _describe(picked[1], rng)
         for g in picked[2:]:
             text += " and " + _describe(g, rng)
@@ -171,6 +208,9 @@ def _render(scene: dict, rng: np.random.Generator, world: _World, cfg: SynthScen
 
 def generate_split(root: Path, split: str, n_images: int, cfg: SynthScenesConfig, world: _World, seed: int,
                    progress: bool = True) -> None:
+    if cfg.twins and n_images % 2:
+        raise ValueError(f"SynthScenes twins: the {split} split has {n_images} images; twin scenes come in pairs, "
+                         f"so give an even n_{split}")
     rng = np.random.default_rng(seed)
     feats = np.lib.format.open_memmap(root / f"{split}_ims.npy.tmp", mode="w+", dtype=np.float32,
                                       shape=(n_images, cfg.num_regions, cfg.feature_dim))
@@ -181,10 +221,21 @@ def generate_split(root: Path, split: str, n_images: int, cfg: SynthScenesConfig
         b = min(a + step, n_images)
         mixes = []
         for i in range(a, b):
-            scene = _sample_scene(rng, cfg)
-            mix, boxes[i] = _render(scene, rng, world, cfg)
+            if not cfg.twins:
+                scene = _sample_scene(rng, cfg)
+                mix, boxes[i] = _render(scene, rng, world, cfg)
+            elif i % 2 == 0:  # step is even, so a pair never straddles two chunks
+                scene = _sample_twin_scene(rng, cfg)
+                mix, boxes[i] = _render(scene, rng, world, cfg)
+                twin_mix, twin_boxes = mix, boxes[i].copy()
+            else:  # the mirror image of scene i - 1: the same detections, mirrored boxes, another region order
+                scene = _mirror(scenes[-1])
+                perm = rng.permutation(cfg.num_regions)
+                mix = twin_mix[perm]
+                boxes[i] = np.stack([1 - twin_boxes[:, 2], twin_boxes[:, 1], 1 - twin_boxes[:, 0],
+                                     twin_boxes[:, 3]], axis=1)[perm]
             mixes.append(mix)
-            captions += [_caption(scene, rng) for _ in range(cfg.caps_per_image)]
+            captions += [_caption(scene, rng, left_right=cfg.twins) for _ in range(cfg.caps_per_image)]
             scenes.append(scene)
         x = np.stack(mixes) @ world.vectors
         x += cfg.noise * rng.standard_normal(x.shape, dtype=np.float32)
@@ -212,6 +263,37 @@ def generate_synthscenes(root: str | Path, cfg: SynthScenesConfig | None = None,
     return root
 
 
+class TwinPairSampler:
+    """Training order for twin scenes that puts a caption of a twin next to the same-numbered caption of the other
+    ((10k + j, 10k + 5 + j) for caps_per_image 5), for a `share` of all such pairs; the other captions come alone.
+    Units (pairs and singles) are shuffled by (seed, epoch) as EpochShuffleSampler does. A paired caption meets its
+    image's twin as an in-batch negative, the one negative only the boxes can tell apart; with random batches it
+    meets it with probability ~ batch / images, too rarely for box features to learn anything (README, CCCL)."""
+
+    def __init__(self, n: int, caps_per_image: int, seed: int = 0, share: float = 1.0):
+        self.n, self.caps, self.seed, self.epoch, self.share = n, caps_per_image, seed, 0, share
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+        idx = torch.arange(self.n).view(-1, 2, self.caps)  # [pairs of images, twin, caption]
+        pairs = idx.permute(0, 2, 1).reshape(-1, 2)  # (caption j of image 2k, caption j of image 2k + 1)
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100_003 + self.epoch)
+        pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
+        flip = torch.rand(pairs.shape[0], generator=g) < 0.5  # which twin comes first: no fixed parity
+        pairs = torch.where(flip[:, None], pairs.flip(1), pairs).tolist()
+        k = round(self.share * len(pairs))
+        units = pairs[:k] + [[i] for p in pairs[k:] for i in p]
+        order = torch.randperm(len(units), generator=g).tolist()
+        return iter([i for u in order for i in units[u]])
+
+
 def _datamodule_base():
     from .precomp import PrecompDataModule
 
@@ -222,19 +304,47 @@ class SynthScenesDataModule(_datamodule_base()):
     """PrecompDataModule over SynthScenes, generated into `root` on first use (deterministic by seed).
 
     Sizes and difficulty are arguments; everything else (batching, boxes, graphs) is PrecompDataModule's.
+    twins: mirror-image twin scenes with left/right captions (module docstring); n_train/n_dev/n_test even.
+    twin_batches: the share of training captions served beside a caption of their twin (TwinPairSampler; 0 = the
+        usual random order). Needs twins and one process (DDP's sampler wrapper would deal a pair to two ranks).
     """
 
     def __init__(self, root: str = ".cache/synthscenes", n_train: int = 3000, n_dev: int = 500, n_test: int = 1000,
                  seed: int = 0, num_regions: int = 36, feature_dim: int = 2048, noise: float = 1.0,
-                 miss_prob: float = 0.1, **kwargs):
+                 miss_prob: float = 0.1, twins: bool = False, twin_batches: float = 0.0, **kwargs):
         from .precomp import check_sizes
         check_sizes(n_train=n_train, n_dev=n_dev, n_test=n_test)
+        if not 0.0 <= twin_batches <= 1.0:
+            from .errors import DataError
+            raise DataError(None, f"data.twin_batches is {twin_batches!r}", "give a share between 0 and 1")
+        if twin_batches and not twins:
+            from .errors import DataError
+            raise DataError(None, "data.twin_batches groups twin scenes, but data.twins is false",
+                            "set data.twins: true (or drop twin_batches)")
+        odd = [f"n_{k}={v}" for k, v in (("train", n_train), ("dev", n_dev), ("test", n_test)) if twins and v % 2]
+        if odd:
+            from .errors import DataError
+            raise DataError(None, f"SynthScenes twins come in pairs, but {', '.join(odd)} is odd",
+                            "give even split sizes with data.twins: true")
         kwargs.setdefault("val_max_images", None)
         kwargs.setdefault("test_split", "test")
         super().__init__(root, num_regions=num_regions, feature_dim=feature_dim, **kwargs)
         self.synth_config = SynthScenesConfig(n_train=n_train, n_dev=n_dev, n_test=n_test, seed=seed,
                                               num_regions=num_regions, feature_dim=feature_dim, noise=noise,
-                                              miss_prob=miss_prob, caps_per_image=self.caps_per_image)
+                                              miss_prob=miss_prob, caps_per_image=self.caps_per_image,
+                                              twins=twins)
+        self.twin_batches = twin_batches
+
+    def train_sampler(self, n: int, seed: int):
+        if not self.twin_batches:
+            return super().train_sampler(n, seed)
+        from .errors import DataError
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            raise DataError(None, f"data.twin_batches needs one process ({trainer.world_size} here): DDP's sampler "
+                            "wrapper would deal the two captions of a pair to two ranks",
+                            "use trainer.devices: 1, or data.twin_batches: 0")
+        return TwinPairSampler(n, self.caps_per_image, seed, self.twin_batches)
 
     def prepare_data(self) -> None:
         from .prepare import cache_lock

@@ -38,3 +38,90 @@ def test_regions_bind_attributes_to_their_object(tmp_path):
     for g, cv in zip(scenes[0]["groups"], cat):
         best = regions[np.argmax(regions @ cv)]  # the region that shows this object most
         assert COLOURS[int(np.argmax(cols @ best))] == g["colour"]
+
+
+def test_the_default_data_is_unchanged_by_the_twins_option():
+    """The demo's SynthScenes (recipes/casc_base_synth.yaml sizes) keeps the digest its caches were built under."""
+    demo = SynthScenesConfig(n_train=2000, n_dev=200, n_test=500)
+    assert demo.digest() == "2ec93f3728c8"  # written before `twins` existed
+    assert SynthScenesConfig(n_train=2000, n_dev=200, n_test=500, twins=True).digest() != demo.digest()
+
+
+def test_twin_scenes_differ_only_in_their_mirrored_boxes(tmp_path):
+    """Twins 2k, 2k+1: the same detections (rows permuted; no noise here), boxes mirrored left-right, and every
+    caption states a left/right relation that holds in its own image and is reversed in its twin."""
+    import json
+    import re
+
+    from datamodules.synthscenes import RELATIONS, _relation
+
+    cfg = SynthScenesConfig(n_train=12, n_dev=4, n_test=4, feature_dim=64, num_regions=12, noise=0.0, twins=True)
+    root = generate_synthscenes(tmp_path / "t", cfg, progress=False)
+    feats, boxes = np.load(root / "train_ims.npy"), np.load(root / "train_boxes.npy")
+    scenes = json.loads((root / "train_scenes.json").read_text())
+    caps = (root / "train_caps.txt").read_text().splitlines()
+    assert len(caps) == 5 * 12
+    for k in range(0, 12, 2):
+        a, b = feats[k], feats[k + 1]
+        order_a, order_b = np.lexsort(a.T[::-1]), np.lexsort(b.T[::-1])
+        np.testing.assert_allclose(a[order_a], b[order_b], atol=1e-5)  # the same regions, another order
+        mirrored = np.stack([1 - boxes[k][:, 2], boxes[k][:, 1], 1 - boxes[k][:, 0], boxes[k][:, 3]], 1)
+        np.testing.assert_allclose(mirrored[order_a], boxes[k + 1][order_b], atol=1e-6)
+        assert not np.allclose(boxes[k], boxes[k + 1])
+        for i in (k, k + 1):
+            groups = {g["category"]: g for g in scenes[i]["groups"]}
+            other = {g["category"]: g for g in scenes[i ^ 1]["groups"]}
+            for cap in caps[5 * i:5 * i + 5]:
+                m = re.search(r"(\w+)(?: (?:is|are) \w+)? (to the left of|to the right of) (?:a|two|three)"
+                              r"(?: \w+)*? (\w+)(?: and| in| on| near| \.)", cap)
+                assert m, cap
+                rel = {v: k2 for k2, v in RELATIONS.items()}[m.group(2)]
+                first, second = m.group(1), m.group(3)
+                sing = lambda w, g: next(c for c in g if w in (c, c + "s", {"men": "man", "women": "woman",  # noqa: E731
+                                                                            "children": "child", "buses": "bus"}.get(w)))
+                f, s = sing(first, groups), sing(second, groups)
+                assert _relation(groups[f], groups[s]) == rel, cap
+                assert _relation(other[f], other[s]) == {"left": "right", "right": "left"}[rel], cap
+
+
+def test_twins_need_even_split_sizes():
+    import pytest
+
+    from datamodules.errors import DataError
+    from datamodules.synthscenes import SynthScenesDataModule
+
+    with pytest.raises(DataError, match="n_test=5 is odd"):
+        SynthScenesDataModule(root="unused", n_train=10, n_dev=4, n_test=5, twins=True)
+    SynthScenesDataModule(root="unused", n_train=10, n_dev=4, n_test=5)  # odd is fine without twins
+
+
+def test_twin_pair_sampler_puts_captions_beside_their_twin():
+    from datamodules.synthscenes import TwinPairSampler
+
+    def adjacent_twins(order):
+        return sum(a // 10 == b // 10 and a % 5 == b % 5 and a // 5 != b // 5 for a, b in zip(order, order[1:]))
+
+    s = TwinPairSampler(40 * 5, caps_per_image=5, seed=3)
+    order = list(s)
+    assert sorted(order) == list(range(200))  # every caption once
+    for a, b in zip(order[::2], order[1::2]):  # share 1: every caption is paired
+        assert a // 10 == b // 10 and a % 5 == b % 5 and (a // 5) != (b // 5)  # caption j of the two twins
+    assert list(TwinPairSampler(200, 5, seed=3)) == order  # (seed, epoch) decide the order
+    s.set_epoch(1)
+    assert list(s) != order
+    assert {order[i] // 5 % 2 for i in range(0, 200, 2)} == {0, 1}  # either twin may come first
+    half = list(TwinPairSampler(200, 5, seed=3, share=0.5))
+    assert sorted(half) == list(range(200)) and 50 <= adjacent_twins(half) <= 60  # 50 pairs, a few by chance
+    assert adjacent_twins(list(TwinPairSampler(200, 5, seed=3, share=0.0))) < 10
+
+
+def test_twin_batches_need_twins_and_a_share():
+    import pytest
+
+    from datamodules.errors import DataError
+    from datamodules.synthscenes import SynthScenesDataModule
+
+    with pytest.raises(DataError, match="data.twins is false"):
+        SynthScenesDataModule(root="unused", twin_batches=0.5)
+    with pytest.raises(DataError, match="between 0 and 1"):
+        SynthScenesDataModule(root="unused", n_train=10, n_dev=4, n_test=4, twins=True, twin_batches=2)
