@@ -407,3 +407,30 @@ def test_branch_share_tool_adds_up(data_root):
     with torch.no_grad():
         assert out["F"]["rsum"] == round(retrieval_metrics(model.score(img, cap), dm.caps_per_image)["rsum"], 1)
     assert set(out["cpc_alpha"]) == {"visual", "text"}
+
+
+@pytest.mark.parametrize("kw, want", [
+    ({}, [False, False, True, True, True, True]),  # the default: one warm-up epoch on the sum, Eq. (33) after
+    ({"sum_negatives_epochs": 2}, [False, False, False, False, True, True]),
+    ({"sum_negatives_epochs": 0}, [True] * 6),  # Eq. (33) from the first step, as printed
+    ({"hardest_negative": False}, [False] * 6),  # the sum over negatives throughout
+])
+def test_warm_up_schedule_reaches_the_loss(data_root, tmp_path, monkeypatch, kw, want):
+    """The hardest-negative flag the loss is called with, per training step over 3 epochs of 2 steps."""
+    import lightning as L
+
+    import zoo.methods.cccl.module as cccl_module
+
+    seen, real = [], cccl_module.hybrid_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[4])  # hybrid_loss(F, scores, margin, lambda, hardest, image_ids, reduction)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cccl_module, "hybrid_loss", spy)
+    model = CCCL(text_encoder="bigru", **TINY, **kw)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(model, _dm(data_root))
+    assert seen == want
