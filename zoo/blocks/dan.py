@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .functional import inner_products
+
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last dim counting only mask==True entries; 0 on masked ones, and an all-masked row is all 0
@@ -107,4 +109,4 @@ class MDAN(nn.Module):
 
 def dan_similarity(image_steps: torch.Tensor, caption_steps: torch.Tensor) -> torch.Tensor:
     """m-DAN (Sec. 4.2): S = sum_k v^(k) . u^(k) for every pair, [I, K+1, d] x [C, K+1, d] -> [I, C]."""
-    return image_steps.flatten(1) @ caption_steps.flatten(1).T
+    return inner_products(image_steps.flatten(1), caption_steps.flatten(1))  # float32 under autocast

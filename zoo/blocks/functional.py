@@ -41,6 +41,33 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def head_fp32(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """head(x).squeeze(-1) in float32 whatever the autocast (float64 models: float64): a method's last layer.
+
+    Every score that leaves a method goes out in float32 (issue 19): trained scores lie in a narrow band (CCCL's
+    sigmoid: 0.479-0.485 on SynthScenes) where bf16's spacing (2^-9 near 0.5) leaves a few distinct values per
+    row, and ties count against the model (CCCL rsum 11.2 in bf16 against 44.8 in fp32). The input stays in the
+    autocast dtype up to here; the head is small (P x P at most).
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        dt = torch.promote_types(next(head.parameters()).dtype, torch.float32)
+        return head(x.to(dt)).squeeze(-1)
+
+
+def sigmoid_head(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(head(x)).squeeze(-1) in float32 (head_fp32): CCCL's VSF scorer, SGRAF's sim_eval."""
+    return torch.sigmoid(head_fp32(head, x))
+
+
+def inner_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [I, d] . b [C, d] for every pair -> [I, C] in float32 whatever the autocast (the scores of embedding
+    methods: VSE++, VSE-infinity, DAN). A bf16 product of unit vectors keeps ~3 significant digits, so matched
+    and near-matched pairs would tie (head_fp32)."""
+    with torch.autocast(a.device.type, enabled=False):
+        dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        return a.to(dt) @ b.to(dt).T
+
+
 def safe_sqrt(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """sqrt(max(x, eps^2)) in float32: finite value and gradient at 0 (plain sqrt has an infinite slope there)."""
     return torch.sqrt(wide(x).clamp_min(eps * eps)).to(x.dtype)

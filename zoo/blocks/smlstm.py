@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .dan import masked_softmax
-from .functional import l2_normalize
+from .functional import head_fp32, l2_normalize
 
 
 class SelectiveMultimodalLSTM(nn.Module):
@@ -76,5 +76,5 @@ class SelectiveMultimodalLSTM(nn.Module):
             h, c = self.cell(x.reshape(n_i * n_c, -1), (h, c))  # the multimodal LSTM accumulates it
             if return_selected:
                 selected.append((a_sel, w_sel))
-        s = self.readout(h).view(n_i, n_c)
+        s = head_fp32(self.readout, h).view(n_i, n_c)  # float32 under autocast
         return (s, selected) if return_selected else s

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .attention import attention_weights, region_word_scores
-from .functional import l2_normalize, masked_mean
+from .functional import l2_normalize, masked_mean, sigmoid_head
 
 
 class VectorSimilarity(nn.Module):
@@ -130,17 +130,12 @@ class SimilarityScorer(nn.Module):
     def forward(self, sims: torch.Tensor, branch: str) -> torch.Tensor:
         """sims [..., P] -> scores [...], float32 under autocast.
 
-        The MLP (both layers, small: P x P) and the sigmoid run in float32 whatever the autocast (issue 19): a
-        trained scorer's outputs lie in a narrow band (0.479-0.485 on SynthScenes), where bf16's spacing (2^-9)
-        leaves ~3 distinct scores per row and ties count against the model (rsum 11.2 in bf16 against 44.8 in
-        fp32). The similarity vectors it reads stay in the autocast dtype.
+        The MLP (both layers, small: P x P) and the sigmoid run in float32 whatever the autocast
+        (functional.sigmoid_head, issue 19); the similarity vectors it reads stay in the autocast dtype.
         """
         if self.kind == "identity":
             return sims.squeeze(-1)
-        head = self.mlp if self.kind == "mlp" else self.heads[branch]
-        with torch.autocast(sims.device.type, enabled=False):
-            dt = torch.promote_types(next(head.parameters()).dtype, torch.float32)  # float32 (float64 models: 64)
-            return torch.sigmoid(head(sims.to(dt)).squeeze(-1))
+        return sigmoid_head(self.mlp if self.kind == "mlp" else self.heads[branch], sims)
 
 
 def fuse_scores(scores: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from datamodules.errors import DataError
 
 from ..blocks import BiGRUTextEncoder, RegionEncoder, lengths_to_mask
-from ..blocks.functional import use_reference
+from ..blocks.functional import sigmoid_head, use_reference
 from ..blocks.sgraf import AttentionFiltration, GraphReasoning, SelfAttentionPool, sgraf_attended_regions
 from ..blocks.vsf import VectorSimilarity
 from ..engine.module import Emb, RetrievalModule
@@ -139,7 +139,7 @@ class SGRAF(RetrievalModule):
             sel = idx[s:s + step]
             part = {"words": cap["words"][sel, :n_words], "lengths": cap["lengths"][sel], "glo": cap["glo"][sel]}
             sim_emb, node_mask = self.alignments(img, part)
-            out.append(torch.sigmoid(self.eval_head(self.reduce(sim_emb, node_mask, sel, n_cap)).squeeze(-1)))
+            out.append(sigmoid_head(self.eval_head, self.reduce(sim_emb, node_mask, sel, n_cap)))  # fp32 (issue 19)
         return torch.cat(out, 1)
 
     def reference_score(self, img: Emb, cap: Emb) -> torch.Tensor:
@@ -149,7 +149,7 @@ class SGRAF(RetrievalModule):
             n = int(cap["lengths"][c])
             one = {"words": cap["words"][c:c + 1, :n], "lengths": cap["lengths"][c:c + 1], "glo": cap["glo"][c:c + 1]}
             sim_emb, node_mask = self.alignments(img, one)
-            out.append(torch.sigmoid(self.eval_head(self.reduce(sim_emb, node_mask)).squeeze(-1)))
+            out.append(sigmoid_head(self.eval_head, self.reduce(sim_emb, node_mask)))
         return torch.cat(out, 1)
 
 

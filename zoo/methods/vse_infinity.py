@@ -18,6 +18,7 @@ import torch
 from datamodules.errors import DataError
 
 from ..blocks import GPO, BatchNormMLP, BiGRUTextEncoder, RegionEncoder, l2_normalize
+from ..blocks.functional import inner_products
 from ..engine.module import Emb, RetrievalModule
 from .official import ANY, check_opt, map_state, register_official, strip_module_prefix
 
@@ -128,7 +129,7 @@ class VSEInfinity(RetrievalModule):
         return {"vector": l2_normalize(pooled) if self.hparams.text_norm else pooled}
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
-        return img["vector"] @ cap["vector"].t()  # official lib/loss.py get_sim
+        return inner_products(img["vector"], cap["vector"])  # official lib/loss.py get_sim, in fp32
 
     # ---- training ---------------------------------------------------------------------------------------------
     def augment(self, batch: dict) -> dict:

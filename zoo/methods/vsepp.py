@@ -14,6 +14,7 @@ import torch
 from datamodules.errors import DataError
 
 from ..blocks import GRULastStateEncoder, RegionEncoder
+from ..blocks.functional import inner_products
 from ..engine.module import Emb, RetrievalModule
 from .official import ANY, check_opt, map_state, register_official, strip_module_prefix
 
@@ -63,7 +64,7 @@ class VSEPP(RetrievalModule):
         return {"vector": self.text_encoder(batch["tokens"], batch["lengths"])}
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
-        return img["vector"] @ cap["vector"].t()  # official cosine_sim (model.py:234-237)
+        return inner_products(img["vector"], cap["vector"])  # official cosine_sim (model.py:234-237), in fp32
 
 
 #: the official opt settings (vsepp train.py:22-76) and what the zoo accepts
