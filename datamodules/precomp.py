@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .datasets import CaptionPairs, ImageWithCaptions, collate
 from .errors import DataError
+from .hub import resolve_pretrained
 from .layout import SplitData, check_root, load_split, read_captions, scan_features_cached, split_paths
 from .prepare import (ParseTable, cache_lock, captions_digest, ensure_parsed, load_or_build_vocab, parse_is_current,
                       parse_path, read_caption_files, read_parse_meta, vocab_filename, vocab_is_current)
@@ -241,9 +242,10 @@ class PrecompDataModule(L.LightningDataModule):
             try:
                 from transformers import AutoTokenizer
 
-                self._subword_tok = AutoTokenizer.from_pretrained(self.subword_tokenizer)
+                self._subword_tok = AutoTokenizer.from_pretrained(resolve_pretrained(self.subword_tokenizer))
             except Exception as e:
-                raise DataError(self.subword_tokenizer, f"cannot load this transformers tokenizer ({type(e).__name__})",
+                why = f": {e}" if isinstance(e, ValueError) else ""  # resolve_pretrained says why
+                raise DataError(self.subword_tokenizer, f"cannot load this transformers tokenizer ({type(e).__name__}{why})",
                                 "give a local folder holding tokenizer files (e.g. a saved bert-base-uncased) or a "
                                 "hub name on a machine that can download it") from None
             if not getattr(self._subword_tok, "is_fast", False):

@@ -42,6 +42,8 @@ class BertWordEncoder(nn.Module):
     """
 
     def __init__(self, name_or_path: str, finetune: bool = True, pooling: str = "mean"):
+        """name_or_path: best given as a folder; a method resolves hub names first (datamodules.hub), so that a
+        name that cannot resolve fails at once rather than after the hub client's ~32 s of retries."""
         super().__init__()
         try:
             from transformers import AutoModel

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from datamodules.errors import DataError
+from datamodules.hub import resolve_pretrained
 
 from ..blocks import GPO, BatchNormMLP, BiGRUTextEncoder, RegionEncoder, l2_normalize
 from ..blocks.functional import inner_products
@@ -233,7 +234,7 @@ class VSEInfinityBert(VSEInfinity):
             self.bert = BertModel(BertConfig(**bert_config), add_pooling_layer=True)
         else:
             try:
-                self.bert = AutoModel.from_pretrained(bert)
+                self.bert = AutoModel.from_pretrained(resolve_pretrained(bert))
             except Exception as e:  # noqa: BLE001
                 raise ValueError(f"cannot load the BERT model {bert!r} ({type(e).__name__}: {e}); give a local "
                                  "folder with a transformers model, or import an official checkpoint") from None

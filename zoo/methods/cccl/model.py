@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from datamodules.hub import resolve_pretrained
+
 from ...blocks import BiGRUTextEncoder, attend, lengths_to_mask
 from ...blocks.bert import BertWordEncoder
 from ...blocks.functional import use_reference
@@ -70,7 +72,7 @@ class CCCLNet(nn.Module):
         self.bert: BertWordEncoder | None = None
         self.bigru: BiGRUTextEncoder | None = None
         if text_encoder == "bert":
-            self.bert = BertWordEncoder(bert_model, bert_finetune, subword_pooling)
+            self.bert = BertWordEncoder(resolve_pretrained(bert_model), bert_finetune, subword_pooling)
             word_width = self.bert.width
         else:
             word_width = d  # the BiGRU's width (d_E); built once the vocabulary size is known
