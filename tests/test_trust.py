@@ -386,6 +386,20 @@ def test_ablate_argument_errors(tmp_path, monkeypatch, capsys, args, message):
     assert not (tmp_path / "runs").exists()
 
 
+def test_read_only_runs_folder_is_refused_before_any_row(tmp_path, monkeypatch, capsys):
+    """A read-only --runs: tests run as root, for whom chmod does not bite, so os.access is what says read-only."""
+    from zoo.experiments import ablate
+    recipes = _rows(tmp_path, {"01_x.yaml": "# X — x\n"})
+    (tmp_path / "ro").mkdir()
+    real = ablate.os.access
+    monkeypatch.setattr(ablate.os, "access", lambda path, mode: False if Path(path) == tmp_path / "ro" else
+                        real(path, mode))
+    assert ablate.main(["m", "synthetic", "--recipes", str(recipes), "--runs", str(tmp_path / "ro" / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and str(tmp_path / "ro") in err and "--runs" in err
+    assert not (tmp_path / "ro" / "runs").exists()
+
+
 def _nothing():
     import contextlib
     return contextlib.nullcontext()
@@ -495,3 +509,24 @@ def test_another_vocabulary_size_is_refused_naming_the_file(name, kwargs, tmp_pa
     with pytest.raises(DataError, match="the model's vocabulary has 7 words but this one has 9") as e:
         model.configure_from_data(SimpleNamespace(vocab_size=9, vocab_path=vocab, with_boxes=True))
     assert str(vocab) in str(e.value) and "trained with" in str(e.value)
+
+
+def test_a_hub_name_that_cannot_resolve_fails_at_once(monkeypatch, tmp_path):
+    """A BERT name not cached, with the hub unreachable, took ~32 s of the hub client's retries to fail: now the
+    hub is probed once and from_pretrained is never called; a local folder is used as given."""
+    import transformers
+
+    from datamodules import hub
+    from zoo.methods import CCCL
+
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: pytest.fail("from_pretrained was called")))
+    with pytest.raises(ValueError, match="'no-such-org/no-such-bert' is not a local folder nor in the hub cache, "
+                                         "and the hub cannot be reached"):
+        CCCL(text_encoder="bert", bert_model="no-such-org/no-such-bert")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        hub.resolve_pretrained("no-such-org/no-such-bert")
+    assert hub.resolve_pretrained(str(tmp_path)) == str(tmp_path)
