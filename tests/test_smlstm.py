@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from zoo.blocks import reference_scoring
 from zoo.blocks.semantic import label_constraint_loss
 from zoo.blocks.smlstm import SelectiveMultimodalLSTM
 from zoo.engine.evaluation import score_blockwise
@@ -73,6 +74,8 @@ def test_block_equals_a_slow_per_pair_loop_paired_and_blockwise(f64):
         slow = torch.tensor([[_slow_pair(model.smlstm, img["regions"][i], cap["words"][c, : int(b["lengths"][c])],
                                          img["global"][i], cap["global"][c])[0] for c in range(4)] for i in range(3)])
         torch.testing.assert_close(fast, slow)
+        with reference_scoring():  # the per-caption path `make bench` times the grid against
+            torch.testing.assert_close(model.score(img, cap), slow)
         torch.testing.assert_close(score_blockwise(model.score, img, cap, 2, 3), fast.float())  # float32 grid
         three = {k: v[:3] for k, v in cap.items()}
         paired = model._run(img, three, paired=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import CASC, CCCL, SGRAF, VSEPP, CASCBase, VSEInfinity
+from ..methods import CASC, CCCL, DAN, SGRAF, SMLSTM, VSEPP, CASCBase, VSEInfinity
 from .common import BenchSpec, coco_lengths, random_tokens, register_bench
 
 
@@ -164,3 +164,44 @@ class VSEPPBench(VSEInfinityBench):
 
     def make_model(self, dim: int, vocab: int) -> torch.nn.Module:
         return VSEPP(vocab_size=vocab, feature_dim=self.feature_dim, embed_dim=dim, fold_size=None)
+
+
+@register_bench(DAN)
+class DANBench(VSEInfinityBench):
+    """DAN (m-DAN, K = 2): S is a dot product of per-item step vectors (separate memories), so evaluation is one
+    matrix product and there is no separate reference path: the ratio is ~1 by design; the training step (two
+    attention steps per modality, BiLSTM) is what it costs."""
+
+    name = "dan"
+
+    def make_model(self, dim: int, vocab: int) -> torch.nn.Module:
+        return DAN(vocab_size=vocab, feature_dim=self.feature_dim, embed_dim=dim, hidden_dim=dim, fold_size=None)
+
+    def eval_inputs(self, model, n_images, dim, g):
+        unit = torch.nn.functional.normalize
+        k = model.hparams.steps + 1
+        return ({"vector": unit(torch.randn(n_images, k * dim, generator=g), dim=-1)},
+                {"vector": unit(torch.randn(5 * n_images, k * dim, generator=g), dim=-1)})
+
+
+@register_bench(SMLSTM)
+class SMLSTMBench(CASCBaseBench):
+    """sm-LSTM (T = 3 steps, hidden = d): the multimodal LSTM runs for every image-caption pair, so it is priced
+    per pair like CASC. The reference column is the per-caption loop (SMLSTM.reference_score), each caption cut to
+    its real words; the fast path scores the whole block at once."""
+
+    name = "smlstm"
+    default_images = 20
+    default_batches = (32,)
+
+    def make_model(self, dim: int, vocab: int) -> torch.nn.Module:
+        return SMLSTM(vocab_size=vocab, feature_dim=self.feature_dim, embed_dim=dim, hidden_dim=min(256, dim),
+                      fold_size=None)
+
+    def eval_inputs(self, model, n_images, dim, g):
+        img, cap = super().eval_inputs(model, n_images, dim, g)
+        mask = torch.arange(cap["words"].shape[1])[None] < cap["lengths"][:, None]
+        img["global"] = torch.nn.functional.normalize(img["regions"].mean(1), dim=-1)
+        mean = (cap["words"] * mask[..., None]).sum(1) / cap["lengths"][:, None]
+        cap["global"] = torch.nn.functional.normalize(mean, dim=-1)
+        return img, cap

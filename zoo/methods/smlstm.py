@@ -17,7 +17,7 @@ import torch
 
 from ..blocks import RegionEncoder
 from ..blocks.encoders import BiLSTMTextEncoder
-from ..blocks.functional import l2_normalize, lengths_to_mask, masked_mean
+from ..blocks.functional import l2_normalize, lengths_to_mask, masked_mean, use_reference
 from ..blocks.smlstm import SelectiveMultimodalLSTM
 from ..engine.module import Emb, RetrievalModule
 from .label_constraint import LabelConstraintMixin
@@ -77,7 +77,20 @@ class SMLSTM(LabelConstraintMixin, RetrievalModule):
                            cap["global"], paired=paired, return_selected=selected)
 
     def score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        if use_reference():
+            return self.reference_score(img, cap)
         return self._run(img, cap, paired=False)
+
+    def reference_score(self, img: Emb, cap: Emb) -> torch.Tensor:
+        """One caption at a time, cut to its real words (no padding): the slow path `make bench` and the tests
+        compare the batched grid with."""
+        out = []
+        for c in range(cap["words"].shape[0]):
+            n = int(cap["lengths"][c])
+            one = {"words": cap["words"][c:c + 1, :n], "lengths": cap["lengths"][c:c + 1],
+                   "global": cap["global"][c:c + 1]}
+            out.append(self._run(img, one, paired=False))
+        return torch.cat(out, 1)
 
     def matched_attended_vectors(self, img: Emb, cap: Emb) -> tuple[torch.Tensor, torch.Tensor]:
         """CASC-sm's A^I, A^T of the matched pairs: the mean over the T steps of the selected a_t and w_t."""
