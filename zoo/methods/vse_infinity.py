@@ -65,6 +65,38 @@ def augment_captions(tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: in
     return out[:, : int(new_len.max())], new_len
 
 
+def augment_subwords(ids: torch.Tensor, mask: torch.Tensor, to_word: torch.Tensor, vocab_size: int, mask_id: int,
+                     prob: float = 0.2, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official BERT-side caption augmentation (master @ 29df9d6, lib/datasets/image_caption.py:239-272) on a
+    padded sub-word batch ([CLS] ... [SEP], `mask` True on real positions, `to_word` the word each belongs to).
+
+    Decided per *word* (the official loop runs over BasicTokenizer words and applies the choice to all of a word's
+    sub-words): a word is picked with probability `prob`; a picked word's sub-words all become [MASK] (50 %), each a
+    random id in [0, vocab_size) (10 %), or are all deleted (40 %). [CLS] and [SEP] are never touched (the official
+    code adds them afterwards). -> (ids, mask), deletions closed up, order kept, trailing padding cut.
+    """
+    c, n = ids.shape
+    dev = ids.device
+    mask = mask.bool()
+    pos = torch.arange(n, device=dev)[None, :]
+    lengths = mask.sum(1)
+    special = (pos == 0) | (pos == (lengths - 1)[:, None])
+    words = to_word.clamp_min(0)
+    u = torch.rand(c, int(words.max()) + 1, device=dev, generator=generator).gather(1, words)
+    picked = mask & ~special & (u < prob)
+    p = u / prob
+    out = torch.where(picked & (p < 0.5), torch.full_like(ids, mask_id), ids)
+    rand_ids = torch.randint(0, vocab_size, (c, n), device=dev, generator=generator)
+    out = torch.where(picked & (p >= 0.5) & (p < 0.6), rand_ids, out)
+    keep = mask & ~(picked & (p >= 0.6))
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    new_len = keep.sum(1)
+    new_mask = pos < new_len[:, None]
+    out = out.gather(1, order) * new_mask
+    top = int(new_len.max())
+    return out[:, :top], new_mask[:, :top]
+
+
 class VSEInfinity(RetrievalModule):
     """VSE-infinity (BiGRU).
 
@@ -211,9 +243,10 @@ class VSEInfinityBert(VSEInfinity):
         bert: a transformers model name or folder (e.g. bert-base-uncased); or
         bert_config: a BertConfig as a dict (what the importer stores, so an imported checkpoint needs no download).
         bert_lr_factor: BERT's learning-rate factor (0.1 official).
-    Batches: `subword_ids` / `subword_mask` from the datamodule (data.subword_tokenizer), or `tokens` / `lengths`
-    holding the official BERT ids directly (the load_official contract). Not implemented: the official word-level
-    masking of sub-words during training (caption_augment must be 0); region drop is as in VSEInfinity.
+        subword_augment: the official training-time caption augmentation on sub-words, per word (augment_subwords:
+            0.2 official, 0 = off); region drop (region_keep) is as in VSEInfinity.
+    Batches: `subword_ids` / `subword_mask` / `subword_to_word` from the datamodule (data.subword_tokenizer), or
+    `tokens` / `lengths` holding the official BERT ids directly (the load_official contract; no augmentation).
     """
 
     uses_vocabulary = False
@@ -221,7 +254,9 @@ class VSEInfinityBert(VSEInfinity):
     def __init__(self, bert: str | None = "bert-base-uncased", bert_config: dict | None = None,
                  bert_lr_factor: float = 0.1, feature_dim: int = 2048, embed_dim: int = 1024, gpo_dim: int = 32,
                  image_norm: bool = True, text_norm: bool = True, region_keep: float = 0.8,
-                 weight_decay: float = 1e-4, **loop_kwargs):
+                 weight_decay: float = 1e-4, subword_augment: float = 0.2, **loop_kwargs):
+        if not 0 <= subword_augment < 1:
+            raise ValueError(f"subword_augment must lie in [0, 1), got {subword_augment!r}")
         for fixed in ("vocab_size", "word_dim", "num_layers", "optimizer", "caption_augment"):
             loop_kwargs.pop(fixed, None)  # VSEInfinity's BiGRU-side settings (saved with the hparams): fixed here
         super().__init__(vocab_size=None, feature_dim=feature_dim, embed_dim=embed_dim, gpo_dim=gpo_dim,
@@ -245,7 +280,24 @@ class VSEInfinityBert(VSEInfinity):
         return ("subwords",)
 
     def configure_from_data(self, datamodule) -> None:
-        pass  # the text side reads sub-word ids, not the zoo's vocabulary
+        # the text side reads sub-word ids, not the zoo's vocabulary; the augmentation needs the tokenizer's [MASK]
+        tok = getattr(datamodule, "subword_tokenizer_obj", None)
+        if tok is not None:
+            self.subword_mask_id, self.subword_vocab = tok.mask_token_id, len(tok)
+
+    def augment(self, batch: dict) -> dict:
+        """Region drop (VSEInfinity.augment) and the official sub-word augmentation (augment_subwords)."""
+        batch = super().augment(batch)
+        rate = self.hparams.subword_augment
+        if rate > 0 and "subword_ids" in batch:
+            mask_id = getattr(self, "subword_mask_id", None)
+            if mask_id is None:
+                raise ValueError("model.subword_augment masks sub-words with the tokenizer's mask token, but the "
+                                 "data's sub-word tokenizer has none (or is not set): use a BERT tokenizer, or set "
+                                 "model.init_args.subword_augment: 0")
+            batch["subword_ids"], batch["subword_mask"] = augment_subwords(
+                batch["subword_ids"], batch["subword_mask"], batch["subword_to_word"], self.subword_vocab, mask_id, rate)
+        return batch
 
     def encode_captions(self, batch: dict) -> Emb:
         if "subword_ids" in batch:
