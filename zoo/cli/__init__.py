@@ -29,7 +29,7 @@ EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 # ckpt_path values Lightning resolves itself
 SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
 # model hyper-parameters that only shape evaluation: given with --ckpt_path, the command line's value applies
-EVAL_HPARAMS = {"eval_image_block", "eval_caption_block", "fold_size"}
+EVAL_HPARAMS = {"eval_image_block", "eval_caption_block", "fold_size", "eval_fp32"}
 
 # third-party noise that says nothing about the run (kept out of `make demo`'s screen)
 QUIET_WARNINGS = [

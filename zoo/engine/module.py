@@ -11,6 +11,8 @@ Methods with extra losses override `training_losses`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 import torch.distributed as dist
@@ -40,6 +42,9 @@ class RetrievalModule(L.LightningModule):
         lr: Adam learning rate; lr_decay_epochs: multiply it by lr_decay every that many epochs (0 = never).
         eval_image_block / eval_caption_block: block sizes of the [I, C] scoring grid.
         fold_size: also report the mean over folds of this many images (COCO 1K) when the set is larger.
+        eval_fp32: encode validation/test batches in float32 even under a mixed-precision trainer (scores always
+            leave a method in float32; with bf16 encoders a weak model's near ties can still move the rsum by ~1:
+            README, Speed, "bf16 evaluation"). An evaluation argument: it applies with --ckpt_path.
 
     Captions per image come from the data (data.caps_per_image) alone. The vocabulary the model was trained
     with (its words, in id order) is stored in every checkpoint; evaluating or resuming it with data that
@@ -51,7 +56,7 @@ class RetrievalModule(L.LightningModule):
 
     def __init__(self, margin: float = 0.2, hardest_negative: bool = True, sum_negatives_epochs: int = 0, lr: float = 2e-4,
                  lr_decay_epochs: int = 15, lr_decay: float = 0.1, eval_image_block: int = 128,
-                 eval_caption_block: int = 1024, fold_size: int | None = 1000):
+                 eval_caption_block: int = 1024, fold_size: int | None = 1000, eval_fp32: bool = False):
         super().__init__()
         self.margin = margin
         self.hardest_negative = hardest_negative
@@ -62,6 +67,7 @@ class RetrievalModule(L.LightningModule):
         self.eval_image_block = eval_image_block
         self.eval_caption_block = eval_caption_block
         self.fold_size = fold_size
+        self.eval_fp32 = eval_fp32
         self.caps_per_image = 5  # replaced by the data's value at setup, and stored in checkpoints
         self.vocab_words: list[str] | None = None  # the training vocabulary, id order (set at setup / from a checkpoint)
         self.vocab_source: str | None = None
@@ -204,8 +210,9 @@ class RetrievalModule(L.LightningModule):
         self._eval_chunks[stage] = []
 
     def _eval_step(self, stage: str, batch: dict) -> None:
-        img = {k: v.detach() for k, v in self.encode_images(batch).items()}
-        cap = {k: v.detach() for k, v in self.encode_captions(batch).items()}
+        with torch.autocast(self.device.type, enabled=False) if self.eval_fp32 else contextlib.nullcontext():
+            img = {k: v.detach() for k, v in self.encode_images(batch).items()}
+            cap = {k: v.detach() for k, v in self.encode_captions(batch).items()}
         self._eval_chunks[stage].append((img, cap, batch["image_ids"], batch["caption_ids"]))
 
     @torch.no_grad()
