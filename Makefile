@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= recipes/casc_base_synth.yaml
 DEMO_CKPT ?= runs/casc_base_synth/checkpoints/best.ckpt
 
-.PHONY: venv demo test clean bench bench-data bench-search attention ablate report ensemble
+.PHONY: venv demo test clean bench bench-data bench-search attention ablate report ensemble twins
 
 # torch goes in first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -62,6 +62,13 @@ ablate: $(STAMP)
 # SEEDS="runs/ablate_seed1 ..." adds those folders' rsum per row and the ordering agreement per table.
 report: $(STAMP)
 	$(BIN)/python -m zoo.experiments.report $(METHOD) $(DATA) $(if $(SEEDS),--seeds $(SEEDS))
+
+# Box positions on SynthScenes twins (README, CCCL): CCCL, CCCL w/o POS and CASC-base at SEEDS_TWINS, resumable;
+# writes zoo/reports/position_twins/report.{md,csv}. About 45 min on 2 cores (two seeds run one after the other).
+SEEDS_TWINS ?= 0 1
+twins: $(STAMP)
+	$(BIN)/python -m zoo.experiments.twins --seeds $(SEEDS_TWINS) --runs runs/position_twins \
+		--out zoo/reports/position_twins --logger $(if $(filter wandb,$(LOGGER)),wandb,csv) $(if $(ARGS),-- $(ARGS))
 
 # Mean of the similarity matrices of several checkpoints: `make ensemble RECIPE=recipes/x.yaml CKPTS="a.ckpt b.ckpt"`.
 RECIPE ?= $(DEMO)
