@@ -77,18 +77,22 @@ def test_eval_fp32_encodes_in_float32_under_a_bf16_trainer(tmp_path):
     model = fit_and_test_tiny("cccl_synth", tmp_path / "synth")
     dm, want = model.trainer.datamodule, model.last_metrics["all"]["rsum"]
     seen = []
-    real = model.encode_images
+    real, real_score = model.encode_images, model.score
 
     def spy(batch):
         out = real(batch)
         seen.append(out["regions"].dtype)
         return out
 
-    model.encode_images = spy
-    for eval_fp32, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+    def score_spy(img, cap):
+        seen.append("autocast" if torch.is_autocast_enabled("cpu") else "fp32")
+        return real_score(img, cap)
+
+    model.encode_images, model.score = spy, score_spy
+    for eval_fp32, want_seen in ((False, {torch.bfloat16, "autocast"}), (True, {torch.float32, "fp32"})):
         model.eval_fp32, seen[:] = eval_fp32, []
         trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
                             enable_model_summary=False)
         trainer.test(model, dm, verbose=False)
-        assert set(seen) == {dtype}
+        assert set(seen) == want_seen
     assert model.last_metrics["all"]["rsum"] == pytest.approx(want, abs=1e-6)

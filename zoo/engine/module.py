@@ -42,7 +42,7 @@ class RetrievalModule(L.LightningModule):
         lr: Adam learning rate; lr_decay_epochs: multiply it by lr_decay every that many epochs (0 = never).
         eval_image_block / eval_caption_block: block sizes of the [I, C] scoring grid.
         fold_size: also report the mean over folds of this many images (COCO 1K) when the set is larger.
-        eval_fp32: encode validation/test batches in float32 even under a mixed-precision trainer (scores always
+        eval_fp32: encode and score validation/test in float32 even under a mixed-precision trainer (scores always
             leave a method in float32; with bf16 encoders a weak model's near ties can still move the rsum by ~1:
             README, Speed, "bf16 evaluation"). An evaluation argument: it applies with --ckpt_path.
 
@@ -265,7 +265,9 @@ class RetrievalModule(L.LightningModule):
         del chunks
         dm = self.trainer.datamodule
         n_images = dm.num_eval_images(stage)
-        with self.trainer.precision_plugin.forward_context(), lightning_progress(self.trainer):  # at the run's precision
+        precision = (torch.autocast(self.device.type, enabled=False) if self.eval_fp32
+                     else self.trainer.precision_plugin.forward_context())  # the run's precision, or fp32 throughout
+        with precision, lightning_progress(self.trainer):
             results = self.evaluate_embeddings(img, cap, image_ids, caption_ids, n_images,
                                                progress=self.trainer.is_global_zero)
         self.last_metrics = results

@@ -4,8 +4,8 @@
         --ckpt runs/casc_base_synth/checkpoints/best.ckpt [--ckpt ...] [--data.init_args.X V ...]
 
 Each checkpoint's test split is encoded and scored twice, the way validation/test do it (blockwise), once in
-float32 and once as `precision: bf16-mixed` runs it (the encoders under bf16 autocast, the grid scored after;
-on the CPU unless --device says otherwise). Prints
+float32 and once as `precision: bf16-mixed` runs it (encoding and scoring under bf16 autocast; on the CPU unless
+--device says otherwise). Prints
 one line per checkpoint: rsum fp32, rsum bf16, their difference, mean |score error| relative to the scores' std,
 and the share of top-1 results (I->T and T->I) that bf16 leaves unchanged. README, Speed: "bf16 evaluation".
 """
@@ -22,26 +22,15 @@ from ..engine.metrics import all_metrics
 from .ensemble import build_datamodule, similarity_matrix
 
 
-def _under(context, fn, batch):
-    with context():
-        return fn(batch)
-
-
 def compare(model, loader, n_images: int, caps_per_image: int, fold_size, device: str = "cpu") -> dict:
     model = model.to(device).eval()
     out = {}
-    encode_images, encode_captions = model.encode_images, model.encode_captions
-    try:
+    with torch.no_grad():
         for name, bf16 in (("fp32", False), ("bf16", True)):
-            # as `lightning test --trainer.precision bf16-mixed` runs it: the encoders under autocast (inside
-            # test_step), the scoring of the whole grid after it (on_test_epoch_end), outside autocast
-            auto = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-            model.encode_images = lambda b: _under(auto, encode_images, b)
-            model.encode_captions = lambda b: _under(auto, encode_captions, b)
-            with torch.no_grad():
+            # as `lightning test --trainer.precision bf16-mixed` runs it: the batches encoded under autocast (test_step)
+            # and the grid scored under it too (RetrievalModule._eval_end scores inside the run's forward_context)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 out[name] = similarity_matrix(model, loader, n_images, caps_per_image).float().cpu()
-    finally:
-        model.encode_images, model.encode_captions = encode_images, encode_captions
     full, half = out["fp32"], out["bf16"]
     m_full, m_half = all_metrics(full, caps_per_image, fold_size), all_metrics(half, caps_per_image, fold_size)
     return {"rsum_fp32": m_full["all"]["rsum"], "rsum_bf16": m_half["all"]["rsum"],
