@@ -13,8 +13,8 @@ import socket
 from pathlib import Path
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """One TCP connect to url's host and port (443 for https, else 80, unless the url names one)."""
     host = url.split("://")[-1].split("/")[0]
     port = 443 if url.startswith("https") else 80
     if ":" in host:
@@ -24,6 +24,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    return reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
 
 
 def resolve_pretrained(name: str) -> str:

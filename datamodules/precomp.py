@@ -37,10 +37,13 @@ class EpochShuffleSampler(Sampler):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):
+    def generator(self) -> torch.Generator:
         g = torch.Generator()
         g.manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return g
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator()).tolist())
 
 
 def check_sizes(**sizes: int) -> None:

@@ -263,7 +263,19 @@ def generate_synthscenes(root: str | Path, cfg: SynthScenesConfig | None = None,
     return root
 
 
-class TwinPairSampler:
+def _datamodule_base():
+    from .precomp import PrecompDataModule
+
+    return PrecompDataModule
+
+
+def _sampler_base():
+    from .precomp import EpochShuffleSampler
+
+    return EpochShuffleSampler
+
+
+class TwinPairSampler(_sampler_base()):
     """Training order for twin scenes that puts a caption of a twin next to the same-numbered caption of the other
     ((10k + j, 10k + 5 + j) for caps_per_image 5), for a `share` of all such pairs; the other captions come alone.
     Units (pairs and singles) are shuffled by (seed, epoch) as EpochShuffleSampler does. A paired caption meets its
@@ -271,20 +283,14 @@ class TwinPairSampler:
     meets it with probability ~ batch / images, too rarely for box features to learn anything (README, CCCL)."""
 
     def __init__(self, n: int, caps_per_image: int, seed: int = 0, share: float = 1.0):
-        self.n, self.caps, self.seed, self.epoch, self.share = n, caps_per_image, seed, 0, share
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
+        super().__init__(n, seed)
+        self.caps, self.share = caps_per_image, share
 
     def __iter__(self):
         import torch
         idx = torch.arange(self.n).view(-1, 2, self.caps)  # [pairs of images, twin, caption]
         pairs = idx.permute(0, 2, 1).reshape(-1, 2)  # (caption j of image 2k, caption j of image 2k + 1)
-        g = torch.Generator()
-        g.manual_seed(self.seed * 100_003 + self.epoch)
+        g = self.generator()
         pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
         flip = torch.rand(pairs.shape[0], generator=g) < 0.5  # which twin comes first: no fixed parity
         pairs = torch.where(flip[:, None], pairs.flip(1), pairs).tolist()
@@ -292,12 +298,6 @@ class TwinPairSampler:
         units = pairs[:k] + [[i] for p in pairs[k:] for i in p]
         order = torch.randperm(len(units), generator=g).tolist()
         return iter([i for u in order for i in units[u]])
-
-
-def _datamodule_base():
-    from .precomp import PrecompDataModule
-
-    return PrecompDataModule
 
 
 class SynthScenesDataModule(_datamodule_base()):

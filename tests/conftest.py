@@ -64,9 +64,22 @@ def f64():
     torch.set_default_dtype(old)
 
 
-def fit_and_test_tiny(recipe: str, root, extra=()):
-    """`recipes/<recipe>.yaml` shrunk to a tiny SynthScenes under `root`: two training steps (asserting that some
-    parameter moved) and a test; returns the model, whose last_metrics hold the test figures."""
+def tiny_data_args(root) -> list[str]:
+    """`--data.init_args.*` that shrink a SynthScenes recipe to a tiny set under `root` (20 / 4 / 4 scenes)."""
+    return ["--data.init_args.root", str(root), "--data.init_args.n_train", "20", "--data.init_args.n_dev", "4",
+            "--data.init_args.n_test", "4", "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "4",
+            "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
+            "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4"]
+
+
+TINY_MODEL_ARGS = ["--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8",
+                   "--model.init_args.word_dim", "4"]
+
+
+def fit_and_test_tiny(recipe: str, root, extra=(), configs=(), train_batches: int = 2):
+    """`recipes/<recipe>.yaml` (then `configs`, e.g. an ablation row) shrunk to a tiny SynthScenes under `root`:
+    `train_batches` training steps (asserting that some parameter moved) and a test; returns the model, whose
+    last_metrics hold the test figures."""
     import math
     from pathlib import Path
 
@@ -75,16 +88,12 @@ def fit_and_test_tiny(recipe: str, root, extra=()):
     from zoo.cli import ZooCLI
     from zoo.engine.module import RetrievalModule
 
-    shrink = ["--data.init_args.root", str(root), "--data.init_args.n_train", "20", "--data.init_args.n_dev", "4",
-              "--data.init_args.n_test", "4", "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "4",
-              "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
-              "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",
-              "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8",
-              "--model.init_args.word_dim", "4", *extra]
+    shrink = [*tiny_data_args(root), *TINY_MODEL_ARGS, *extra]
     recipes = Path(__file__).resolve().parents[1] / "recipes"
+    configs = [a for c in configs for a in ("--config", str(c))]
     cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                 args=["--config", str(recipes / f"{recipe}.yaml"), *shrink])
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
+                 args=["--config", str(recipes / f"{recipe}.yaml"), *configs, *shrink])
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=train_batches, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
     before = {k: v.clone() for k, v in cli.model.state_dict().items()}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_split
+from conftest import fit_and_test_tiny, write_split
 from datamodules import DataError, PrecompDataModule
 from datamodules.labels import STOPWORDS, LabelVocabulary
 from datamodules.parsing import UPOS_ID
@@ -492,30 +492,13 @@ def synth_root(tmp_path_factory):
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_row_trains_a_step_and_evaluates(row, synth_root, tmp_path, monkeypatch):
-    from zoo.cli import ZooCLI
-    from zoo.engine.module import RetrievalModule
-
     first = row.read_text().splitlines()[0]
     assert first.startswith("# ") and " — " in first, "a row's first line is '# <label> — <what it computes>'"
     monkeypatch.chdir(tmp_path)
-    shrink = ["--data.init_args.root", str(synth_root), "--data.init_args.n_train", "20", "--data.init_args.n_dev", "4",
-              "--data.init_args.n_test", "4", "--data.init_args.feature_dim", "16", "--data.init_args.num_regions", "4",
-              "--data.init_args.num_workers", "0", "--data.init_args.vocab_min_count", "1",
-              "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",
-              "--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8", "--model.init_args.word_dim", "4",
-              "--model.init_args.label_hidden", "8", "--model.init_args.beta_sweep", "[0.0,0.5]"]
-    cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                 args=["--config", str(ROOT / "recipes" / "casc_synth.yaml"), "--config", str(row), *shrink])
-    assert isinstance(cli.model, CASC)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
-    before = {k: v.clone() for k, v in cli.model.state_dict().items()}
-    trainer.fit(cli.model, cli.datamodule)
-    after = cli.model.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before if k in after), "no parameter moved"
-    trainer.test(cli.model, cli.datamodule, verbose=False)
-    m = cli.model.last_metrics
+    model = fit_and_test_tiny("casc_synth", synth_root, configs=[row], train_batches=1,
+                              extra=["--model.init_args.label_hidden", "8", "--model.init_args.beta_sweep", "[0.0,0.5]"])
+    assert isinstance(model, CASC)
+    m = model.last_metrics
     assert math.isfinite(m["all"]["rsum"]) and "beta0.5" in m
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fit_and_test_tiny
+from conftest import TINY_MODEL_ARGS, fit_and_test_tiny, tiny_data_args
 from zoo.engine.evaluation import cat_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,15 +53,9 @@ def test_precision_and_step_time_commands_run_on_a_tiny_recipe(tmp_path, capsys)
 
     from zoo.experiments import precision, step_time
 
-    shrink = ["--data.init_args.root", str(tmp_path / "synth"), "--data.init_args.n_train", "20",
-              "--data.init_args.n_dev", "4", "--data.init_args.n_test", "4", "--data.init_args.feature_dim", "16",
-              "--data.init_args.num_regions", "4", "--data.init_args.num_workers", "0",
-              "--data.init_args.vocab_min_count", "1", "--data.init_args.batch_size", "8",
-              "--data.init_args.eval_batch_size", "4"]
-    model_shrink = ["--model.init_args.feature_dim", "16", "--model.init_args.embed_dim", "8",
-                    "--model.init_args.word_dim", "4"]
+    shrink = tiny_data_args(tmp_path / "synth")
     recipe = str(ROOT / "recipes" / "casc_base_synth.yaml")
-    assert step_time.main(["--config", recipe, *shrink, *model_shrink, "--steps", "3", "--skip", "1"]) == 0
+    assert step_time.main(["--config", recipe, *shrink, *TINY_MODEL_ARGS, "--steps", "3", "--skip", "1"]) == 0
     assert "CASCBase: " in capsys.readouterr().out
     model = fit_and_test_tiny("casc_base_synth", tmp_path / "synth")
     ckpt = tmp_path / "m.ckpt"

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -162,16 +161,8 @@ def _netrc_login() -> bool:
 
 
 def _reachable(timeout: float = 3.0) -> bool:
-    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    host = url.split("://")[-1].split("/")[0]
-    port = 443 if url.startswith("https") else 80
-    if ":" in host:
-        host, port = host.split(":")[0], int(host.split(":")[1])
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    from datamodules.hub import reachable
+    return reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), timeout)
 
 
 def wandb_setup(logger: str) -> tuple[bool, dict[str, str], str]:
@@ -554,12 +545,17 @@ def check_runs(runs: Path) -> None:
                         "point --runs at a writable folder")
 
 
-def main(argv: list[str] | None = None) -> int:
+def split_extra(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the command's own arguments, those after `--`, which go to every `lightning fit/test`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, extra = split_extra(argv)
     ap = argparse.ArgumentParser(prog="python -m zoo.experiments.ablate", description=__doc__.split("\n")[0],
                                  epilog="Arguments after `--` are passed to every `lightning fit/test` of the rows.")
     ap.add_argument("method", nargs="?", help="casc_base | casc | cccl (a folder under recipes/ablations)")

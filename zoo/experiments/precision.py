@@ -36,8 +36,7 @@ def compare(model, loader, n_images: int, caps_per_image: int, fold_size, device
     return {"rsum_fp32": m_full["all"]["rsum"], "rsum_bf16": m_half["all"]["rsum"],
             "error": float((full - half).abs().mean() / full.std().clamp_min(1e-12)),
             "top1_i2t": float((full.argmax(1) == half.argmax(1)).float().mean()),
-            "top1_t2i": float((full.argmax(0) == half.argmax(0)).float().mean()),
-            "dtype": str(half.dtype)}
+            "top1_t2i": float((full.argmax(0) == half.argmax(0)).float().mean())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .ablate import Ablation, wandb_setup
+from .ablate import Ablation, split_extra, wandb_setup
 from .report import read_result
 from .rows import ROW_FILE, Row, parse_label
 
@@ -123,11 +123,7 @@ def to_markdown(table: list[dict], seeds: list[int], epochs: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_extra(argv)
     ap = argparse.ArgumentParser(prog="python -m zoo.experiments.twins", description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=4)
