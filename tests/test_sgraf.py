@@ -290,9 +290,10 @@ def test_synth_recipe_trains_and_tests(tmp_path, recipe):
     assert "| all images |" in test.stdout
 
 
-@pytest.mark.parametrize("module", ["SAF", "SGR"])
-def test_fit_checkpoint_roundtrip_and_finite_with_padding(tmp_path, module, one_thread):
-    """The shared loop: a tiny fit, the checkpoint rebuilds the model; padded captions and a zero image stay finite."""
+@pytest.mark.parametrize("module,num_regions", [("SAF", 4), ("SGR", None)])
+def test_fit_checkpoint_roundtrip_and_finite_with_padding(tmp_path, module, num_regions, one_thread):
+    """The shared loop: a tiny fit, the checkpoint rebuilds the model; padded captions and a zero image stay finite.
+    num_regions None: VisualSA's BatchNorm is sized from the data's region count and the checkpoint keeps it."""
     import lightning as L
 
     from conftest import write_split
@@ -304,7 +305,8 @@ def test_fit_checkpoint_roundtrip_and_finite_with_padding(tmp_path, module, one_
                            vocab_min_count=1, val_max_images=None)
     dm.prepare_data()
     torch.manual_seed(0)
-    model = SGRAF(feature_dim=8, embed_dim=16, word_dim=8, sim_dim=8, num_regions=4, module=module, fold_size=None)
+    model = SGRAF(feature_dim=8, embed_dim=16, word_dim=8, sim_dim=8, num_regions=num_regions, module=module,
+                  fold_size=None)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
                         gradient_clip_val=2.0)
@@ -313,8 +315,11 @@ def test_fit_checkpoint_roundtrip_and_finite_with_padding(tmp_path, module, one_
     assert 0 < model.last_metrics["all"]["rsum"] <= 600
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     loaded = SGRAF.load_from_checkpoint(tmp_path / "m.ckpt")
-    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert loaded.hparams.num_regions == 4 and loaded.v_global.local[1].num_features == 4
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    for k, a in want.items():
+        assert torch.equal(a, got[k]), k
     loaded.train()
     batch = {"images": torch.zeros(3, 4, 8), "tokens": torch.tensor([[1, 4, 2, 0, 0], [1, 5, 6, 7, 2], [1, 2, 0, 0, 0]]),
              "lengths": torch.tensor([3, 5, 2]), "image_ids": torch.arange(3)}
@@ -322,3 +327,15 @@ def test_fit_checkpoint_roundtrip_and_finite_with_padding(tmp_path, module, one_
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in loaded.parameters() if p.grad is not None)
+
+
+def test_num_regions_from_the_data_needs_a_count():
+    class NoCount:
+        vocab_size, vocab_path, num_regions = 10, None, 0
+    model = SGRAF(vocab_size=10, feature_dim=8, embed_dim=16, word_dim=8, sim_dim=8, num_regions=None, fold_size=None)
+    with pytest.raises(RuntimeError, match="give a datamodule, or set num_regions"):
+        model.encode_images({"images": torch.zeros(2, 4, 8)})
+    with pytest.raises(ValueError, match="set model.num_regions to the features' region count"):
+        model.configure_from_data(NoCount())
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        SGRAF(num_regions=0)

@@ -34,7 +34,9 @@ class SGRAF(RetrievalModule):
         feature_dim / embed_dim / word_dim / sim_dim / num_layers: official img_dim / embed_size / word_dim /
             sim_dim / num_layers (2048 / 1024 / 300 / 256 / 1).
         module: 'SAF' or 'SGR'; sgr_steps: SGR's steps (official sgr_step, 3).
-        num_regions: VisualSA's BatchNorm1d size over the region axis (36, fixed in the official code).
+        num_regions: VisualSA's BatchNorm1d size over the region axis (36, fixed in the official code); None =
+            the datamodule's region count, taken at setup and stored in the hyper-parameters (e.g. SynthScenes
+            at the ablation sizes, 18 regions).
         image_norm / text_norm: l2 on regions / words (official `not no_imgnorm` / `not no_txtnorm`).
         smooth: the softmax temperature of the SCAN attention (9, fixed in the official code, model.py:346).
         dropout: word-embedding dropout and VisualSA/TextSA dropout (0.4 in the official code).
@@ -44,7 +46,7 @@ class SGRAF(RetrievalModule):
 
     def __init__(self, vocab_size: int | None = None, feature_dim: int = 2048, embed_dim: int = 1024,
                  word_dim: int = 300, sim_dim: int = 256, num_layers: int = 1, module: str = "SGR",
-                 sgr_steps: int = 3, num_regions: int = 36, image_norm: bool = True, text_norm: bool = True,
+                 sgr_steps: int = 3, num_regions: int | None = 36, image_norm: bool = True, text_norm: bool = True,
                  smooth: float = 9.0, dropout: float = 0.4, pair_budget: int | None = None, **loop_kwargs):
         super().__init__(**loop_kwargs)
         if module not in MODULES:
@@ -52,7 +54,9 @@ class SGRAF(RetrievalModule):
         self.save_hyperparameters()
         self.image_encoder = RegionEncoder(feature_dim, embed_dim, normalize=image_norm)
         self.text_encoder: BiGRUTextEncoder | None = None
-        self.v_global = SelfAttentionPool(embed_dim, dropout, num_items=num_regions)  # VisualSA
+        self.v_global: SelfAttentionPool | None = None  # VisualSA
+        if num_regions is not None:
+            self._build_visual_pool(num_regions)
         self.t_global = SelfAttentionPool(embed_dim, dropout)  # TextSA
         self.local_vsf = VectorSimilarity(embed_dim, sim_dim, normalize_inputs=False, bias=True)  # sim_tranloc_w
         self.global_vsf = VectorSimilarity(embed_dim, sim_dim, normalize_inputs=False, bias=True)  # sim_tranglo_w
@@ -75,11 +79,27 @@ class SGRAF(RetrievalModule):
                                              normalize=hp.text_norm, dropout=hp.dropout)
         self.hparams["vocab_size"] = vocab_size
 
+    def _build_visual_pool(self, num_regions: int) -> None:
+        if not isinstance(num_regions, int) or num_regions < 1:
+            raise ValueError(f"SGRAF num_regions must be a whole number >= 1 (or None: the data's), got {num_regions!r}")
+        self.v_global = SelfAttentionPool(self.hparams.embed_dim, self.hparams.dropout, num_items=num_regions)
+        self.hparams["num_regions"] = num_regions  # so checkpoints rebuild the same model
+
     def configure_from_data(self, datamodule) -> None:
         self.size_word_embedding(datamodule, self.text_encoder, self._build_text, self.OFFICIAL_VOCAB_HINT)
+        if self.v_global is None:
+            n = getattr(datamodule, "num_regions", None)
+            if not n:
+                raise DataError(None, f"SGRAF num_regions is None (the data's region count), but "
+                                f"{type(datamodule).__name__} gives none ({n!r})",
+                                "set model.num_regions to the features' region count (36 for the standard layout)")
+            self._build_visual_pool(int(n))
 
     # ---- encoders ------------------------------------------------------------------------------------
     def encode_images(self, batch: dict) -> Emb:
+        if self.v_global is None:
+            raise RuntimeError("SGRAF num_regions None takes the data's region count at setup: give a datamodule, "
+                               "or set num_regions")
         regions = self.image_encoder(batch["images"])
         return {"regions": regions, "glo": self.v_global(regions)}
 
