@@ -41,24 +41,42 @@ def test_list_enumerates_every_row(method, capsys):
 
 
 @pytest.mark.parametrize("method,row", ALL_ROWS, ids=[f"{m}/{f.parent.name}/{f.stem}" for m, f in ALL_ROWS])
-def test_every_row_is_a_valid_delta_of_its_synth_recipe(method, row, monkeypatch, capsys):
-    """First line `# label — what`, and recipe + row parse together with the row's values in effect."""
+def test_every_row_is_a_valid_delta_of_its_synth_recipe(method, row, monkeypatch, capsys, tmp_path):
+    """First line `# label — what`, and recipe + row parse together with the row's values in effect. A row of
+    another method's recipe (`row: {recipe: ...}`) has that recipe on every dataset and runs on the table's data
+    sizes without the table's model settings; an ensemble row names trained rows of its table on every dataset."""
     from zoo.cli import main
 
     first = row.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("# ") and " — " in first, f"{row}: first line must be '# <label> — <what it computes>'"
-    recipe = RECIPES / f"{method}_synth.yaml"
-    sizes = ablate.sizes_for(method, "synthetic", RECIPES)  # the ablation sizes sit between recipe and row
+    r = next(x for x in ablate.select(ablate.discover(method, RECIPES)) if x.path == row)
+    abl = ablate.Ablation(method, "synthetic", RECIPES, tmp_path / "runs")
+    for data in ("f30k", "coco"):  # the recipe (or every member's) exists on the real datasets too
+        other = ablate.Ablation(method, data, RECIPES, tmp_path / "runs")
+        for x in other.members(r) or [r]:
+            assert other.base_recipe(x).is_file()
+    if r.ensemble is not None:
+        members = abl.members(r)
+        assert len(members) >= 2 and all(m.ensemble is None and m.table == r.table for m in members)
+        return
+    files = abl.config_files(r)
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     with pytest.raises(SystemExit) as e:  # --print_config exits after printing the merged config
-        main(["fit", "--config", str(recipe), *(["--config", str(sizes)] if sizes else []), "--config", str(row),
-              "--print_config"])
+        main(["fit", *[a for f in files for a in ("--config", str(f))], "--print_config"])
     assert e.value.code in (0, None)
     merged = yaml.safe_load(capsys.readouterr().out)
-    delta = yaml.safe_load(row.read_text(encoding="utf-8")) or {}
-    assert merged["model"]["class_path"] == delta["model"]["class_path"]
-    for k, v in (delta["model"].get("init_args") or {}).items():
+    delta = r.deltas
+    base = yaml.safe_load(abl.base_recipe(r).read_text(encoding="utf-8"))
+    if r.recipe is None:
+        assert merged["model"]["class_path"] == delta["model"]["class_path"]
+    else:  # the other method's model as its recipe has it: the table's model settings are not applied
+        assert files[0] == RECIPES / f"{r.recipe_name('synthetic')}_synth.yaml" and "row" not in merged
+        assert merged["model"]["class_path"] == base["model"]["class_path"]
+        for k, v in base["model"]["init_args"].items():
+            assert merged["model"]["init_args"][k] == (delta.get("model", {}).get("init_args") or {}).get(k, v), k
+    for k, v in ((delta.get("model") or {}).get("init_args") or {}).items():
         assert merged["model"]["init_args"][k] == v, k
+    sizes = ablate.sizes_for(method, "synthetic", RECIPES)  # the ablation sizes sit between recipe and row
     if sizes is not None:  # the sizes overlay is in effect under the row
         over = yaml.safe_load(sizes.read_text(encoding="utf-8"))
         for k, v in over["data"]["init_args"].items():
@@ -156,6 +174,118 @@ def test_rows_with_equal_settings_train_once_and_sizes_overlay_sits_before_the_r
         ablate.discover("m", recipes)["t1"][0])
 
 
+def test_malformed_row_blocks_are_errors_naming_the_file(tmp_path):
+    cases = {
+        "row: {recipe: vsepp, ensemble: [a, b]}\n": "must hold one of",
+        "row: {recipes: vsepp}\n": "must hold one of",
+        "row: vsepp\n": "must hold one of",
+        "row: {recipe: {synthetic: a, flickr: b}}\n": "the datasets are",
+        "row: {recipe: 3}\n": "must name a method",
+        "row: {ensemble: [a]}\n": "two or more rows",
+        "row: {ensemble: [a, b]}\nmodel: {init_args: {lr: 1}}\n": "trains nothing",
+        "row: {ensemble: [a, nothere]}\n": "'nothere' is not a trained row of t",
+        "row: {ensemble: [a, e]}\n": "'e' is not a trained row of t",
+    }
+    for k, (text, msg) in enumerate(cases.items()):
+        root = tmp_path / str(k)
+        _layout(root, {"m/t/01_a.yaml": "# A — a\nmodel: {}\n", "m/t/02_e.yaml": "# E — e\nrow: {ensemble: [a, a]}\n",
+                       "m/t/03_bad.yaml": "# Bad — bad\n" + text})
+        with pytest.raises(ValueError, match=msg) as e:
+            discover("m", root)
+        assert "03_bad.yaml" in str(e.value)
+    # a per-dataset mapping without this dataset: the run stops before any row, naming file and fix
+    root = tmp_path / "perdata"
+    _layout(root, {"m/t/01_a.yaml": "# A — a\nrow: {recipe: {f30k: other}}\n"})
+    (root / "m_synth.yaml").write_text("model: {}\n")
+    row = discover("m", root)["t"][0]
+    with pytest.raises(ValueError, match=r"names none for synthetic .*add `synthetic: \.\.\.`"):
+        ablate.Ablation("m", "synthetic", root, tmp_path / "runs").base_recipe(row)
+    # _table.yaml: a malformed paper mapping is an error naming it
+    from zoo.experiments.rows import paper_tables
+    (root / "ablations" / "m" / "t" / "_table.yaml").write_text("paper: {flickr: [t2]}\n")
+    with pytest.raises(ValueError, match="_table.yaml"):
+        paper_tables("m", "t", root)
+    (root / "ablations" / "m" / "t" / "_table.yaml").write_text("paper: {f30k: [t2], coco: [t3, t4]}\n")
+    assert paper_tables("m", "t", root) == {"synthetic": ["t"], "f30k": ["t2"], "coco": ["t3", "t4"]}
+
+
+def test_a_row_of_another_recipe_takes_the_tables_data_not_its_model(tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    (recipes / "m_synth.yaml").parent.mkdir(parents=True)
+    (recipes / "m_synth.yaml").write_text("model:\n  class_path: A\n  init_args: {a: 1}\n")
+    (recipes / "other_synth.yaml").write_text("model:\n  class_path: B\n  init_args: {x: 1}\n"
+                                             "data:\n  init_args: {n_train: 10, batch_size: 64}\n")
+    _layout(recipes, {"m/_synthetic.yaml": "trainer: {max_epochs: 2}\ndata: {init_args: {n_train: 5}}\n"
+                                           "model: {init_args: {a: 9}}\n",
+                      "m/t/01_own.yaml": "# Own — the method\nmodel: {}\n",
+                      "m/t/02_other.yaml": "# Other — another method\nrow: {recipe: other}\n"
+                                           "data: {init_args: {batch_size: 4}}\n",
+                      "m/t/03_again.yaml": "# Again — the same settings written differently\n"
+                                           "data: {init_args: {batch_size: 4}}\nrow: {recipe: {synthetic: other}}\n"})
+    abl = ablate.Ablation("m", "synthetic", recipes, tmp_path / "runs")
+    own, other, again = ablate.discover("m", recipes)["t"]
+    cmd = abl.commands(other, "fit", None)
+    configs = [Path(cmd[i + 1]) for i, a in enumerate(cmd) if a == "--config"]
+    row_dir = tmp_path / "runs" / "m_synth" / "t" / "other"
+    assert configs[:3] == [recipes / "other_synth.yaml", row_dir / "ablate_sizes.yaml", row_dir / "ablate_row.yaml"]
+    assert yaml.safe_load(configs[1].read_text()) == {"trainer": {"max_epochs": 2}, "data": {"init_args": {"n_train": 5}}}
+    assert yaml.safe_load(configs[2].read_text()) == {"data": {"init_args": {"batch_size": 4}}}
+    assert "without its model: section" in configs[1].read_text().splitlines()[0]
+    # the method's own rows are passed as they are
+    cmd = abl.commands(own, "fit", None)
+    assert [Path(cmd[i + 1]) for i, a in enumerate(cmd) if a == "--config"][:3] == [
+        recipes / "m_synth.yaml", recipes / "ablations" / "m" / "_synthetic.yaml", own.path]
+    # the settings: B with x = 1 (not a = 9), the table's n_train, the row's batch; equal rows train once
+    key = json.loads(abl.config_key(other))["config"]
+    assert key == {"model": {"class_path": "B", "init_args": {"x": 1}}, "trainer": {"max_epochs": 2},
+                   "data": {"init_args": {"n_train": 5, "batch_size": 4}}}
+    assert abl.config_key(again) == abl.config_key(other) != abl.config_key(own)
+
+
+def test_an_ensemble_row_runs_after_its_members_and_reads_their_checkpoints(tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    _layout(recipes, {"m/t/01_a.yaml": "# A — a\nmodel: {init_args: {a: 1}}\n",
+                      "m/t/02_b.yaml": "# B — b\nmodel: {init_args: {a: 2}}\n",
+                      "m/t/03_c.yaml": "# C — c\nmodel: {init_args: {a: 3}}\n",
+                      "m/t/04_ab.yaml": "# A+B — mean of a and b\nrow: {ensemble: {synthetic: [b, a], f30k: [a, c]}}\n"})
+    (recipes / "m_synth.yaml").write_text("model: {class_path: X}\n")
+    abl = ablate.Ablation("m", "synthetic", recipes, tmp_path / "runs", extra=["--model.init_args.a", "7",
+                                                                               "--seed_everything", "1"])
+    a, b, c, ab = ablate.discover("m", recipes)["t"]
+    assert [r.name for r in abl.with_members([ab])] == ["b", "a", "ab"]
+    assert [r.name for r in abl.with_members([a, ab, b])] == ["a", "b", "ab"]
+    calls = []
+
+    def fake_stream(cmd, log, env, use_pty=None):  # the ensemble tool: writes its --json as it would
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--json") + 1])
+        out.write_text(json.dumps({"ensemble": {"all": {"rsum": 42.0}, "1k": {"rsum": 43.0}}}))
+        return 0
+    monkeypatch.setattr(ablate, "_stream", fake_stream)
+    res = abl.run_row(ab)  # members not finished: a clear failure, nothing run
+    assert res.status == "failed" and "member t/b has not finished" in res.message and not calls
+    for r in (a, b):
+        d = abl.row_dir(r)
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"table": "t", "row": r.name, "settings": abl.settings_digest(r),
+                                                    "checkpoint": f"{r.name}.ckpt", "metrics": {"test": {"rsum": 1.0}}}))
+    res = abl.run_row(ab)
+    assert res.status == "finished", res.message
+    cmd = calls[0]
+    assert cmd[1:3] == ["-m", "zoo.experiments.ensemble"]
+    assert cmd[cmd.index("--ckpt") + 1:cmd.index("--ckpt") + 3] == ["b.ckpt", "a.ckpt"]
+    assert "--model.init_args.a" not in cmd and cmd[-2:] == ["--seed_everything", "1"]  # data/trainer extras only
+    assert [Path(cmd[i + 1]) for i, x in enumerate(cmd) if x == "--config"] == [recipes / "m_synth.yaml", b.path]
+    out = json.loads((abl.row_dir(ab) / "results.json").read_text())
+    assert out["metrics"] == {"test": {"rsum": 42.0}, "test_1k": {"rsum": 43.0}}
+    assert out["members"] == {"b": "b.ckpt", "a": "a.ckpt"} and out["checkpoint"] is None
+    assert abl.run_row(ab).status == "skipped"
+    # a member trained again with other settings makes the ensemble's figures stale, never silently reused
+    other = ablate.Ablation("m", "synthetic", recipes, tmp_path / "runs", extra=["--seed_everything", "2"])
+    assert other.finished(ab)[0] == "stale"
+    assert [m.name for m in ablate.Ablation("m", "f30k", recipes, tmp_path / "runs").members(ab)] == ["a", "c"]
+
+
 def test_wandb_mode_choice(monkeypatch):
     for k in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(k, raising=False)
@@ -232,6 +362,26 @@ def test_report_from_fixed_runs_matches_the_hand_written_tables(tmp_path):
     with pytest.warns(UserWarning, match="no paper figures"):
         paths, rows = write_report("m", "f30k", runs, tmp_path / "recipes", tmp_path / "nothing")
     assert rows[0]["rsum"] == 105.0 and rows[0]["paper_f30k_rsum"] is None
+
+
+def test_a_comparison_table_reads_the_paper_tables_its_table_file_names(tmp_path):
+    _layout(tmp_path / "recipes", {"m/cmp/01_x.yaml": "# X — x\n", "m/cmp/02_y.yaml": "# Y — y\n",
+                                   "m/cmp/_table.yaml": "paper: {f30k: [t2], coco: [t3_1k, t4_5k]}\n"})
+    runs = tmp_path / "runs"
+    _result(runs / "m_synth", "cmp", "x", 1, [10, 20, 30, 5, 15, 25], "X", "x")
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "m.csv").write_text(
+        "table,row,dataset,protocol,i2t_r1,i2t_r5,i2t_r10,t2i_r1,t2i_r5,t2i_r10,rsum,note\n"
+        "t2,x,f30k,test,60,80,90,40,70,80,420,\n"
+        "cmp,x,f30k,test,1,1,1,1,1,1,6,not the named table\n"
+        "t4_5k,x,coco,5k,50,70,80,30,60,70,360,\n"
+        "t3_1k,x,coco,1k,70,90,95,50,80,90,475,\n"
+        "t4_5k,y,coco,5k,40,60,70,20,50,60,300,only 5K printed\n")
+    _, rows = write_report("m", "synthetic", runs, tmp_path / "recipes", paper)
+    x, y = rows
+    assert (x["paper_f30k_rsum"], x["paper_coco_rsum"], x["paper_coco_protocol"]) == (420.0, 475.0, "1k")
+    assert (y["paper_f30k_rsum"], y["paper_coco_rsum"], y["paper_coco_protocol"]) == (None, 300.0, "5k")
 
 
 def test_seed_agreement_in_the_report(tmp_path):

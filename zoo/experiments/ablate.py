@@ -18,6 +18,12 @@ change here). Row files whose name starts with `_` are not rows; a row file's fi
 loggers (CSV always, W&B unless LOGGER=csv) and, for recipes whose checkpoint callback is a plain
 `ModelCheckpoint` with a fixed dirpath, points it at `<row dir>/checkpoints` with `save_last: true`.
 
+A row of another method's recipe (`row: {recipe: vsepp}`, a comparison table's baseline) runs from
+recipes/<that method>_<data>.yaml with the table's sizes overlay minus its `model:` section and the row minus its
+`row:` block (both written into the row folder as ablate_sizes.yaml / ablate_row.yaml); an ensemble row
+(`row: {ensemble: [a, b]}`) runs its members first and then `python -m zoo.experiments.ensemble` on their best
+checkpoints (zoo.experiments.rows has the layout).
+
 State of a row, all in its folder: `results.json` = finished (skipped when run again); `.fit_done` = fit
 finished, test still to run; `checkpoints/last.ckpt` without `.fit_done` = killed during fit (resumed from it).
 A row whose merged settings equal an earlier row's (the same row in two tables, or a row that restates the
@@ -146,8 +152,11 @@ def effective_config(recipe: Path, sizes: Path | None, row: Path, extra: list[st
     them; a list in a later file replaces the earlier one), plus the extra lightning arguments. Two rows with
     the same string train the same model (e.g. "w/o B-3" of Table 6 and of Tables 2-4, or lambda = 0.5 and
     the base recipe), so the runner trains only the first."""
-    return json.dumps({"config": merged_config(recipe, sizes, row), "extra": list(extra)}, sort_keys=True,
-                      default=str)
+    return canonical(merged_config(recipe, sizes, row), extra)
+
+
+def canonical(config: dict, extra: list[str] = ()) -> str:
+    return json.dumps({"config": config, "extra": list(extra)}, sort_keys=True, default=str)
 
 
 # ---- loggers --------------------------------------------------------------------------------------------
@@ -364,32 +373,83 @@ class Ablation:
     def row_dir(self, row: Row) -> Path:
         return self.root / row.table / row.name
 
+    def base_recipe(self, row: Row) -> Path:
+        """recipes/<method>_<data>.yaml, or the recipe of the method the row names (`row: {recipe: ...}`)."""
+        return recipe_for(row.recipe_name(self.data) or self.method, self.data, self.recipes)
+
+    def layers(self, row: Row) -> list[tuple[str, Path, dict, bool]]:
+        """[(name, file, settings, the file holds exactly these settings)] in the order lightning layers them:
+        base recipe, the method's sizes overlay, the row. A row of another method's recipe takes the overlay's
+        data and trainer sizes but not its `model:` section (the table's own method's settings); a row file
+        with a `row:` block reaches lightning without it. Such derived layers are written into the row folder
+        (config_files)."""
+        recipe = self.base_recipe(row)
+        out = [("recipe", recipe, read_yaml(recipe), True)]
+        sizes = sizes_for(self.method, self.data, self.recipes)
+        if sizes is not None:
+            over = read_yaml(sizes)
+            if row.recipe is not None and "model" in over:
+                out.append(("sizes", sizes, {k: v for k, v in over.items() if k != "model"}, False))
+            else:
+                out.append(("sizes", sizes, over, True))
+        out.append(("row", row.path, row.deltas, row.own_recipe))
+        return out
+
+    def config_files(self, row: Row) -> list[Path]:
+        """The --config files of a trained row (derived layers written as <row dir>/ablate_<name>.yaml)."""
+        files = []
+        for name, f, cfg, as_is in self.layers(row):
+            if not as_is:
+                f = self.row_dir(row) / f"ablate_{name}.yaml"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text(f"# derived by zoo.experiments.ablate from {self.layers_source(row, name)}\n"
+                             + yaml.safe_dump(cfg, sort_keys=False))
+            files.append(f)
+        return files
+
+    def layers_source(self, row: Row, name: str) -> str:
+        return {"sizes": f"{sizes_for(self.method, self.data, self.recipes)} without its model: section",
+                "row": f"{row.path} without its row: block"}[name]
+
     def commands(self, row: Row, stage: str, ckpt: Path | None) -> list[str]:
         row_dir = self.row_dir(row)
-        recipe = recipe_for(self.method, self.data, self.recipes)
         row_dir.mkdir(parents=True, exist_ok=True)
         id_file = row_dir / "wandb_id"
         if not id_file.exists():  # fit and test of a row (and a resumed fit) log to the same W&B run
             id_file.write_text(f"{row.name[:20]}-{secrets.token_hex(4)}")
-        sizes = sizes_for(self.method, self.data, self.recipes)
+        files = self.config_files(row)
+        recipe, *sizes, row_file = files
         cfg = overlay(row, self.data, row_dir, stage, self.use_wandb, id_file.read_text().strip(),
-                      checkpoint_callbacks(recipe, row.path, row_dir, sizes))
+                      checkpoint_callbacks(recipe, row_file, row_dir, sizes[0] if sizes else None))
         cfg_path = row_dir / f"ablate_{stage}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        cmd = [sys.executable, "-m", "zoo", stage, "--config", str(recipe)]
-        cmd += ["--config", str(sizes)] if sizes else []
-        cmd += ["--config", str(row.path),
-               "--config", str(cfg_path), "--trainer.default_root_dir", str(row_dir),
-               "--trainer.callbacks+=zoo.experiments.ablate.RowCallback"]
+        cmd = [sys.executable, "-m", "zoo", stage]
+        for f in files:
+            cmd += ["--config", str(f)]
+        cmd += ["--config", str(cfg_path), "--trainer.default_root_dir", str(row_dir),
+                "--trainer.callbacks+=zoo.experiments.ablate.RowCallback"]
         if stage == "test":
             cmd += ["--trainer.callbacks.results_path", str(row_dir / "test_metrics.json")]
         if ckpt is not None:
             cmd += ["--ckpt_path", str(ckpt)]
         return cmd + list(self.extra)
 
+    def members(self, row: Row) -> list[Row]:
+        """The rows an ensemble row averages on this data ([] for a trained row)."""
+        names = row.members(self.data)
+        if not names:
+            return []
+        table = {r.name: r for r in discover(self.method, self.recipes)[row.table]}
+        return [table[n] for n in names]
+
     def config_key(self, row: Row) -> str:
-        return effective_config(recipe_for(self.method, self.data, self.recipes),
-                                sizes_for(self.method, self.data, self.recipes), row.path, self.extra)
+        if row.ensemble is not None:  # its settings are its members' (and how they are averaged)
+            return json.dumps({"ensemble": [self.config_key(m) for m in self.members(row)],
+                               "extra": list(self.extra)}, sort_keys=True)
+        merged: dict = {}
+        for _, _, cfg, _ in self.layers(row):
+            merged = _deep_merge(merged, cfg)
+        return canonical(merged, self.extra)
 
     def settings_digest(self, row: Row) -> str:
         """sha1 of the row's merged settings and extra arguments (config_key), recorded in results.json."""
@@ -436,7 +496,46 @@ class Ablation:
                                  f"{row_dir / '.ablate.lock'} is held): left to it")
             if results.exists():  # the other runner finished it while this one was deciding
                 return RowResult(row, "skipped", message="finished by another runner")
+            if row.ensemble is not None and same_as is None:
+                return self._run_ensemble_locked(row)
             return self._run_row_locked(row, same_as)
+
+    def _run_ensemble_locked(self, row: Row) -> RowResult:
+        """SCAN*, SGRAF: the mean of the members' [I, C] matrices (`zoo.experiments.ensemble`, raw scores as the
+        papers average them), on the test data of the first member's settings."""
+        t0, row_dir = time.time(), self.row_dir(row)
+        members = self.members(row)
+        ckpts = {}
+        for m in members:
+            state, why = self.finished(m)
+            if state != "finished":
+                return RowResult(row, "failed", 0.0, f"member {m.key} has not finished ({why or state}): run it "
+                                 f"first (selecting the ensemble runs its members before it)")
+            ckpts[m.name] = json.loads((self.row_dir(m) / "results.json").read_text())["checkpoint"]
+        out_json = row_dir / "ensemble.json"
+        out_json.unlink(missing_ok=True)
+        # the data come from the first member's layers; extra model arguments are training settings, which
+        # the checkpoints already hold (the ensemble tool refuses them), the rest reach its datamodule
+        from .ensemble import split_model_args
+        _, extra = split_model_args(self.extra)
+        cmd = [sys.executable, "-m", "zoo.experiments.ensemble"]
+        for f in self.config_files(members[0]):
+            cmd += ["--config", str(f)]
+        cmd += ["--ckpt", *ckpts.values(), "--json", str(out_json), *extra]
+        log = row_dir / "ablate.log"
+        rc = _stream(cmd, log, self.env)
+        if rc != 0 or not out_json.exists():
+            return RowResult(row, "failed", time.time() - t0, f"ensemble exited with {rc}; log: {log}\n{_tail(log)}")
+        ens = json.loads(out_json.read_text())["ensemble"]
+        out = {"method": self.method, "data": self.data, "table": row.table, "row": row.name, "order": row.order,
+               "label": row.label, "what": row.what, "row_file": str(row.path), "checkpoint": None,
+               "members": ckpts, "settings": self.settings_digest(row), "extra_args": list(self.extra),
+               "test_seconds": round(time.time() - t0, 1),
+               "metrics": {("test" if split == "all" else f"test_{split}"): m for split, m in ens.items()}}
+        tmp = (row_dir / "results.json").with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(row_dir / "results.json")
+        return RowResult(row, "finished", time.time() - t0)
 
     def _run_row_locked(self, row: Row, same_as: Row | None = None) -> RowResult:
         row_dir = self.row_dir(row)
@@ -486,7 +585,17 @@ class Ablation:
         tmp.replace(results)  # atomic: a row is finished exactly when results.json exists
         return RowResult(row, "finished", time.time() - t0)
 
+    def with_members(self, rows: list[Row]) -> list[Row]:
+        """rows with each ensemble's members (selected or not) placed before it, each row once."""
+        out: list[Row] = []
+        for row in rows:
+            for r in [*self.members(row), row]:
+                if all(r.key != o.key for o in out):
+                    out.append(r)
+        return out
+
     def run(self, rows: list[Row]) -> list[RowResult]:
+        rows = self.with_members(rows)
         start, done, ran_seconds = time.time(), [], []
         n = len(rows)
         keys = [self.config_key(row) for row in rows]
@@ -585,12 +694,16 @@ def main(argv: list[str] | None = None) -> int:
         check_runs(Path(args.runs))
         recipe_for(args.method, args.data, args.recipes)
         check_data(args.data, extra, args.data_root)
+        abl = Ablation(args.method, args.data, Path(args.recipes), Path(args.runs), extra=extra)
+        rows = abl.with_members(rows)
+        for row in rows:  # every row's recipe (and ensemble members) on this data, before any row trains
+            abl.base_recipe(row) if row.ensemble is None else abl.members(row)
     except ValueError as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     use_wandb, env, how = wandb_setup(args.logger)
     print(f"[ablate] {args.method} on {args.data}: {len(rows)} rows; {how}", flush=True)
-    abl = Ablation(args.method, args.data, Path(args.recipes), Path(args.runs), use_wandb, env, extra)
+    abl.use_wandb, abl.env = use_wandb, env
     try:
         results = abl.run(rows)
     except KeyboardInterrupt:

@@ -6,6 +6,8 @@ Reads every `runs/ablate/<method>_<data>/<table>/<row>/results.json` (written by
 test) and the paper's figures from `zoo/paper_results/<method>.csv` (header
 `table,row,dataset,protocol,i2t_r1,i2t_r5,i2t_r10,t2i_r1,t2i_r5,t2i_r10,rsum,note`). Missing paper files,
 rows or cells leave their cells empty. Rows of the recipe layout that have not finished are listed as "not run".
+A table folder's paper figures are those of its own name, or of the paper tables its `_table.yaml` names per
+dataset (a comparison table printed as one table per dataset, e.g. CCCL's Tables 2-4).
 
 Per table, each row: label, what it computes, our R@1/5/10 both ways and rsum, Δ = rsum minus the table's
 first row (ours and the paper's, so orderings compare even on SynthScenes), the paper's rsum on Flickr30K
@@ -22,7 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .rows import discover
+from .rows import discover, paper_tables
 
 RECALLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
 PAPER_HEADER = ["table", "row", "dataset", "protocol", *RECALLS, "rsum", "note"]
@@ -132,10 +134,12 @@ def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes
     results = load_results(method, data, runs)
     paper = load_paper(method, paper_dir)
     layout: list[tuple[str, str, int, str, str]] = []
+    printed_in: dict[str, dict[str, list[str]]] = {}  # table folder -> {dataset: paper tables} (its _table.yaml)
     if recipes is not None:
         try:
             for table, rows in discover(method, recipes).items():
                 layout += [(table, r.name, r.order, r.label, r.what) for r in rows]
+                printed_in[table] = paper_tables(method, table, recipes)
         except ValueError:
             pass
     seen = {(t, r) for t, r, *_ in layout}
@@ -156,7 +160,8 @@ def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes
                "protocol": proto}
         row.update({k: m.get(k) for k in RECALLS + ["rsum"]})
         for ds in ("f30k", "coco"):
-            p = paper.get((table, name, ds), {})
+            p = next((paper[(t, name, ds)] for t in printed_in.get(table, {}).get(ds, [table])
+                      if (t, name, ds) in paper), {})
             row[f"paper_{ds}_protocol"] = p.get("protocol")
             row.update({f"paper_{ds}_{k}": p.get(k) for k in RECALLS + ["rsum"]})
         rows.append(row)
