@@ -54,6 +54,23 @@ def _slow_score(mdan, regions, words):
     return sum(float(v @ u) for v, u in zip(vs, us))  # S = sum_k v^(k) . u^(k)
 
 
+def _slow_joint_steps(mdan: MDAN, regions, words):
+    """The joint-memory reading for one image and one caption (real items only): one memory m, started at
+    v^(0) * u^(0), guides both attentions and takes v^(k) * u^(k) after each step. The lists v^(0..K), u^(0..K)."""
+    v = torch.tanh(mdan.proj[0].weight @ regions.mean(0) + mdan.proj[0].bias)
+    u = words.mean(0)
+    vs, us, m = [v], [u], v * u
+    for k in range(mdan.steps):
+        ctx, _ = _slow_attention(mdan.visual[k], regions, m)
+        v = torch.tanh(mdan.proj[k + 1].weight @ ctx + mdan.proj[k + 1].bias)
+        u, _ = _slow_attention(mdan.textual[k], words, m)
+        m = m + v * u
+        vs.append(v)
+        us.append(u)
+    assert torch.allclose(m.sum(), sum(v @ u for v, u in zip(vs, us)))  # S is the sum of m^(K)'s entries
+    return vs, us
+
+
 def _batch(n_img=3, n_cap=4, regions=3, lengths=(4, 2, 3, 1), feature_dim=6, vocab=20, seed=1):
     g = torch.Generator().manual_seed(seed)
     lens = torch.tensor(lengths)
@@ -147,7 +164,61 @@ def test_padding_changes_nothing_and_stays_finite_forward_and_backward():
     assert torch.isfinite(padded["images"].grad).all() and (padded["images"].grad[:, 3:] == 0).all()
 
 
+def test_joint_memory_scores_equal_a_slow_per_pair_loop_blockwise_and_paired(f64):
+    model = _model(memory="joint", steps=3)
+    b = _batch()
+    with torch.no_grad():
+        img, cap = model.encode_images(b), model.encode_captions(b)
+        fast = model.score(img, cap)
+        words = model.text_encoder(b["tokens"], b["lengths"])
+        slow = torch.tensor([[sum(float(v @ u) for v, u in zip(*_slow_joint_steps(
+            model.dan, b["images"][i], words[c, : int(b["lengths"][c])]))) for c in range(4)] for i in range(3)])
+        torch.testing.assert_close(fast, slow.to(fast.dtype))
+        torch.testing.assert_close(score_blockwise(model.score, img, cap, 2, 3), fast.float())
+        # paired (the matched pairs of a training batch) = the grid's diagonal
+        sq = _batch(n_img=3, n_cap=3, lengths=(4, 2, 3))
+        i3, c3 = model.encode_images(sq), model.encode_captions(sq)
+        torch.testing.assert_close(model._joint(i3, c3, paired=True)[:, 0], torch.diagonal(model.score(i3, c3)))
+    # not the separate memories' score: the reading changes the model
+    sep = _model(steps=3)
+    assert not torch.allclose(sep.score(sep.encode_images(b), sep.encode_captions(b)), fast)
+    # a search's first stage: l2(v^(0)), l2(u^(0))
+    g = model.global_embedding(img, "images")
+    torch.testing.assert_close(g.double(), torch.nn.functional.normalize(img["v0"], dim=-1))
+
+
+def test_joint_memory_padding_changes_nothing_and_stays_finite():
+    model = _model(memory="joint").float()
+    b = _batch(lengths=(4, 1, 3, 1))
+    s = model.score(model.encode_images(b), model.encode_captions(b))
+    longer = dict(b, tokens=torch.cat([b["tokens"], torch.zeros(4, 3, dtype=torch.long)], 1))
+    torch.testing.assert_close(model.score(model.encode_images(b), model.encode_captions(longer)), s)
+    padded = dict(b, images=torch.cat([b["images"], 1e4 * torch.ones(3, 2, 6)], 1),
+                  region_mask=torch.tensor([[True] * 3 + [False] * 2] * 3))
+    torch.testing.assert_close(model.score(model.encode_images(padded), model.encode_captions(b)), s)
+    # zero images and one-word captions, backward through the pairwise steps: finite everywhere
+    sq = _batch(n_img=3, n_cap=3, lengths=(1, 3, 1))
+    sq["images"] = torch.zeros(3, 3, 6, requires_grad=True)
+    loss = model.training_losses(sq, model.encode_images(sq), model.encode_captions(sq))["triplet"]
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(sq["images"].grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_casc_dan_with_the_joint_memory_takes_each_matched_pairs_steps(f64):
+    model = _model(memory="joint", label_constraint=True, label_settings={"num_labels": 4, "hidden": 3})
+    b = _batch(n_img=3, n_cap=3, lengths=(4, 2, 3))
+    a_img, a_txt = model.matched_attended_vectors(model.encode_images(b), model.encode_captions(b))
+    words = model.text_encoder(b["tokens"], b["lengths"])
+    for n in range(3):
+        vs, us = _slow_joint_steps(model.dan, b["images"][n], words[n, : int(b["lengths"][n])])
+        torch.testing.assert_close(a_img[n], torch.stack(vs[1:]).mean(0))
+        torch.testing.assert_close(a_txt[n], torch.stack(us[1:]).mean(0))
+
+
 def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="DAN memory must be one of"):
+        DAN(**{**SMALL, "memory": "shared"})
     for bad in (dict(steps=0), dict(embed_dim=0), dict(hidden_dim=2.5)):
         with pytest.raises(ValueError, match="DAN"):
             DAN(**{**SMALL, **bad})
@@ -184,7 +255,8 @@ def synth_root(tmp_path_factory):
     return tmp_path_factory.mktemp("synth") / "ss"
 
 
-@pytest.mark.parametrize("recipe", ["dan_synth", "casc_dan_synth", "dan_f30k", "dan_coco"])
+@pytest.mark.parametrize("recipe", ["dan_synth", "casc_dan_synth", "dan_f30k", "dan_coco", "casc_dan_f30k",
+                                    "casc_dan_coco"])
 def test_recipes_build_and_the_synth_ones_train_and_test(recipe, synth_root, tmp_path, monkeypatch):
     import yaml
 
@@ -201,3 +273,7 @@ def test_recipes_build_and_the_synth_ones_train_and_test(recipe, synth_root, tmp
     monkeypatch.chdir(tmp_path)
     model = fit_and_test_tiny(recipe, synth_root, ["--model.init_args.hidden_dim", "8"])
     assert isinstance(model, DAN) and model.uses_label_constraint == (recipe == "casc_dan_synth")
+    if recipe == "casc_dan_synth":  # the joint-memory reading trains and tests through the same loop
+        model = fit_and_test_tiny(recipe, synth_root, ["--model.init_args.hidden_dim", "8",
+                                                       "--model.init_args.memory", "joint"])
+        assert model.joint and model.uses_label_constraint

@@ -10,13 +10,18 @@ m-DAN (Sec. 4.2, the matching model) runs K steps with a separate memory per mod
 m_v^(k) = m_v^(k-1) + v^(k), m_u^(k) = m_u^(k-1) + u^(k), and scores S = sum_{k=0..K} v^(k) . u^(k).
 The pair-independent part tanh(W_x x_n) is computed once per item (`project_items`), so a joint-memory variant
 (r-DAN's m^(k) = m^(k-1) + v^(k) * u^(k), Sec. 4.1) can broadcast one memory per pair over the items.
+
+The joint-memory reading (`MDAN.joint_scores`, DAN `memory: joint`): r-DAN's one memory per pair,
+m^(0) = v^(0) * u^(0), m^(k) = m^(k-1) + v^(k) * u^(k), guides both attentions at step k (through m^(k-1)), and
+the score keeps m-DAN's S = sum_k v^(k) . u^(k), which is exactly the sum of m^(K)'s entries (r-DAN reads m^(K)
+into an answer classifier; a matching score from it is not in the paper). Every step then depends on the pair.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .functional import inner_products
+from .functional import inner_products, wide
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -105,6 +110,60 @@ class MDAN(nn.Module):
             memory = memory + u  # m-DAN: separate textual memory
             out.append(u)
         return torch.stack(out, dim=1)
+
+
+    # ---- the joint-memory reading (r-DAN's memory in the matching model) -----------------------------------
+    def image_items(self, regions: torch.Tensor, region_mask: torch.Tensor | None = None) -> dict:
+        """The pair-independent image side of `joint_scores`: v^(0) [I, d] (as m-DAN), and per step k the
+        attention's tanh(W_v x_n) [I, K, R, h] and P^(k) x_n without its bias [I, K, R, d] (so that
+        P^(k)(sum_n alpha_n x_n) = sum_n alpha_n P^(k) x_n + b costs d, not F, per pair and region)."""
+        v0 = torch.tanh(self.proj[0](masked_item_mean(regions, region_mask)))
+        proj = torch.stack([att.project_items(regions) for att in self.visual], 1)
+        px = torch.stack([regions @ p.weight.T for p in self.proj[1:]], 1)
+        return {"v0": v0, "proj": proj, "px": px}
+
+    def caption_items(self, words: torch.Tensor, word_mask: torch.Tensor) -> dict:
+        """The pair-independent caption side: u^(0) [C, d] and, per step k, tanh(W_u u_t) [C, L, h] as `proj_k`
+        (word-indexed on dim 1, so the evaluation's trim of padded words applies to it)."""
+        return {"u0": masked_item_mean(words, word_mask),
+                **{f"proj_{k}": att.project_items(words) for k, att in enumerate(self.textual)}}
+
+    def joint_scores(self, img: dict, region_mask: torch.Tensor | None, cap: dict, words: torch.Tensor,
+                     word_mask: torch.Tensor, paired: bool = False, return_steps: bool = False):
+        """S [I, C] of every image with every caption under one memory per pair (module docstring); paired=True:
+        image n with caption n only, [B, 1]. img / cap from image_items / caption_items; words [C, L, d].
+        return_steps: also the per-step (v^(k), u^(k)) of every pair, each [I, C, d] (k >= 1; CASC-DAN's A^I, A^T).
+        The attention logits w_h . (tanh(W_x x_n) * tanh(W_m m)) are one contraction over h, so no
+        [I, C, items, h] tensor is formed."""
+        n_i = img["v0"].shape[0]
+        if paired and words.shape[0] != n_i:
+            raise ValueError(f"paired scoring needs as many captions as images, got {words.shape[0]} and {n_i}")
+        u0 = cap["u0"][:, None] if paired else cap["u0"][None]  # [I or 1, C or 1, d]
+        memory = img["v0"][:, None] * u0  # m^(0) = v^(0) * u^(0): [I, C, d]
+        s = wide(memory).sum(-1)  # S accumulated in at least float32 (under autocast the memory may be bf16)
+        r_mask = None if region_mask is None else region_mask[:, None]
+        w_mask = word_mask[:, None] if paired else word_mask[None]
+        steps = []
+        for k in range(self.steps):
+            vis, txt = self.visual[k], self.textual[k]
+            # visual attention over the regions, guided by the pair's memory
+            gv = torch.tanh(vis.memory(memory))  # [I, C, h]
+            logits = torch.einsum("irh,ich->icr", img["proj"][:, k] * vis.score.weight[0], gv) + vis.score.bias
+            alpha = masked_softmax(logits, r_mask)
+            v = torch.tanh(torch.einsum("icr,ird->icd", alpha, img["px"][:, k])
+                           + alpha.sum(-1, keepdim=True) * self.proj[k + 1].bias)  # tanh(P^(k) sum alpha x)
+            # textual attention over the words, guided by the same memory
+            gu = torch.tanh(txt.memory(memory))
+            items = cap[f"proj_{k}"] * txt.score.weight[0]
+            logits = (torch.einsum("ilh,ich->icl", items, gu) if paired else
+                      torch.einsum("clh,ich->icl", items, gu)) + txt.score.bias
+            beta = masked_softmax(logits, w_mask)
+            u = torch.einsum("icl,ild->icd", beta, words) if paired else torch.einsum("icl,cld->icd", beta, words)
+            memory = memory + v * u  # r-DAN: the joint memory
+            s = s + wide(v * u).sum(-1)  # S = sum_k v^(k) . u^(k) = the sum of m^(K)'s entries
+            if return_steps:
+                steps.append((v, u))
+        return (s, steps) if return_steps else s
 
 
 def dan_similarity(image_steps: torch.Tensor, caption_steps: torch.Tensor) -> torch.Tensor:
