@@ -59,9 +59,9 @@ ablate: $(STAMP)
 	$(BIN)/python -m zoo.experiments.ablate $(METHOD) $(DATA) $(ABLATE_OPTS) $(if $(ARGS),-- $(ARGS))
 
 # The Markdown/CSV/PNG report from finished rows alone (runs/ablate/<method>_<data>/report.*);
-# SEEDS="runs/ablate_seed1 ..." adds those folders' rsum per row and the ordering agreement per table.
+# SEEDS="runs/ablate_seed1 ..." adds those folders' rsum per row and the ordering agreement per table; TABLE=t: that table only.
 report: $(STAMP)
-	$(BIN)/python -m zoo.experiments.report $(METHOD) $(DATA) $(if $(SEEDS),--seeds $(SEEDS))
+	$(BIN)/python -m zoo.experiments.report $(METHOD) $(DATA) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(TABLE),--tables $(TABLE))
 
 # Box positions on SynthScenes twins (README, CCCL): CCCL, CCCL w/o POS and CASC-base at SEEDS_TWINS, resumable;
 # writes zoo/reports/position_twins/report.{md,csv}. About 45 min on 2 cores (two seeds run one after the other).

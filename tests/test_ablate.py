@@ -382,6 +382,12 @@ def test_a_comparison_table_reads_the_paper_tables_its_table_file_names(tmp_path
     x, y = rows
     assert (x["paper_f30k_rsum"], x["paper_coco_rsum"], x["paper_coco_protocol"]) == (420.0, 475.0, "1k")
     assert (y["paper_f30k_rsum"], y["paper_coco_rsum"], y["paper_coco_protocol"]) == (None, 300.0, "5k")
+    # --tables: only the named tables; an unknown one is an error naming the tables there are
+    _layout(tmp_path / "recipes", {"m/other/01_z.yaml": "# Z — z\n"})
+    _, rows = write_report("m", "synthetic", runs, tmp_path / "recipes", paper, tables=["cmp"])
+    assert [r["row"] for r in rows] == ["x", "y"]
+    with pytest.raises(ValueError, match="no table nope for m \\(tables: cmp, other\\)"):
+        write_report("m", "synthetic", runs, tmp_path / "recipes", paper, tables=["nope"])
 
 
 def test_seed_agreement_in_the_report(tmp_path):

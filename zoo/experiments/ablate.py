@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         from .report import write_report
         try:
             paths, table_rows = write_report(args.method, args.data, runs=args.runs, recipes=args.recipes,
-                                             paper_dir=args.paper)
+                                             paper_dir=args.paper)  # every table: the report is the method's
             print("[ablate] report: " + ", ".join(str(p) for p in paths.values()))
             if use_wandb:
                 saved = {k: os.environ.get(k) for k in env}

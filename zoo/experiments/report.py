@@ -129,8 +129,9 @@ def our_protocol(data: str, results: dict[tuple[str, str], dict]) -> tuple[str, 
 
 
 def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes: str | Path | None = "recipes",
-               paper_dir: str | Path | None = None) -> list[dict]:
-    """One dict per row (finished or not), in table then NN order; the report's and the W&B table's rows."""
+               paper_dir: str | Path | None = None, tables: list[str] | None = None) -> list[dict]:
+    """One dict per row (finished or not), in table then NN order; the report's and the W&B table's rows.
+    tables: only these table folders (None: all)."""
     results = load_results(method, data, runs)
     paper = load_paper(method, paper_dir)
     layout: list[tuple[str, str, int, str, str]] = []
@@ -146,6 +147,12 @@ def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes
     for (t, r), res in results.items():  # finished runs whose row file is gone still count
         if (t, r) not in seen:
             layout.append((t, r, int(res.get("order", 99)), res.get("label", r), res.get("what", "")))
+    if tables:
+        unknown = sorted(set(tables) - {t for t, *_ in layout})
+        if unknown:
+            raise ValueError(f"no table {', '.join(unknown)} for {method} (tables: "
+                             f"{', '.join(dict.fromkeys(t for t, *_ in layout))})")
+        layout = [x for x in layout if x[0] in tables]
     table_order = list(dict.fromkeys(t for t, *_ in layout))
     layout.sort(key=lambda x: (table_order.index(x[0]), x[2], x[1]))
     key, proto = our_protocol(data, results)
@@ -345,10 +352,10 @@ def bar_chart(method: str, data: str, rows: list[dict], path: Path) -> Path | No
 
 def write_report(method: str, data: str, runs: str | Path = "runs/ablate", recipes: str | Path | None = "recipes",
                  paper_dir: str | Path | None = None, out: str | Path | None = None,
-                 seeds: list[str | Path] = ()) -> tuple[dict, list[dict]]:
+                 seeds: list[str | Path] = (), tables: list[str] | None = None) -> tuple[dict, list[dict]]:
     """Writes report.md, report.csv and report.png; returns ({kind: path}, rows). seeds: other runs folders of
     the same rows (other seeds): their rsum beside ours and the ordering agreement per table."""
-    rows = build_rows(method, data, runs, recipes, paper_dir)
+    rows = build_rows(method, data, runs, recipes, paper_dir, tables)
     agreement = add_seeds(method, data, rows, list(seeds)) if seeds else None
     if not rows:
         raise ValueError(f"nothing to report for {method} on {data}: no rows in the layout and no finished runs")
@@ -374,10 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default runs/ablate/<method>_<data>)")
     ap.add_argument("--seeds", nargs="*", default=[], metavar="RUNS",
                     help="runs folders of the same rows at other seeds: their rsum and the ordering agreement")
+    ap.add_argument("--tables", nargs="*", default=None, metavar="TABLE", help="only these tables (default: all)")
     args = ap.parse_args(argv)
     try:
         paths, rows = write_report(args.method, args.data, args.runs, args.recipes, args.paper, args.out,
-                                   args.seeds)
+                                   args.seeds, args.tables)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
