@@ -242,6 +242,19 @@ def test_a_row_of_another_recipe_takes_the_tables_data_not_its_model(tmp_path, m
     assert abl.config_key(again) == abl.config_key(other) != abl.config_key(own)
 
 
+def test_a_rows_missing_recipe_stops_the_run_before_any_row_trains(tmp_path, capsys):
+    recipes = tmp_path / "recipes"
+    _layout(recipes, {"m/t/01_own.yaml": "# Own — own\nmodel: {}\n",
+                      "m/t/02_other.yaml": "# Other — other\nrow: {recipe: other}\n"})
+    (recipes / "m_f30k.yaml").write_text("model: {}\n")  # no recipes/other_f30k.yaml
+    (tmp_path / "f30k").mkdir()
+    rc = ablate.main(["m", "f30k", "--recipes", str(recipes), "--runs", str(tmp_path / "runs"), "--logger", "csv",
+                      "--", "--data.init_args.root", str(tmp_path / "f30k")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no recipe" in err and "other_f30k.yaml" in err
+    assert not (tmp_path / "runs" / "m_f30k" / "t" / "own").exists()  # nothing ran
+
+
 def test_an_ensemble_row_runs_after_its_members_and_reads_their_checkpoints(tmp_path, monkeypatch):
     recipes = tmp_path / "recipes"
     _layout(recipes, {"m/t/01_a.yaml": "# A — a\nmodel: {init_args: {a: 1}}\n",
