@@ -329,6 +329,15 @@ def _result(run_root, table, row, order, nums, label, what):
                                                 "what": what, "metrics": {"test": m}}))
 
 
+def _paper(tmp_path, rows: str) -> Path:
+    """A paper-figures folder holding m.csv: the header, then `rows`."""
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "m.csv").write_text("table,row,dataset,protocol,i2t_r1,i2t_r5,i2t_r10,t2i_r1,t2i_r5,t2i_r10,rsum,note\n"
+                                 + rows)
+    return paper
+
+
 def test_report_from_fixed_runs_matches_the_hand_written_tables(tmp_path):
     _layout(tmp_path / "recipes", {"m/tA/01_x.yaml": "# X — first thing\n", "m/tA/02_y.yaml": "# Y — second\n",
                                    "m/tA/03_z.yaml": "# Z — third\n", "m/tB/01_w.yaml": "# W — fourth\n"})
@@ -336,15 +345,12 @@ def test_report_from_fixed_runs_matches_the_hand_written_tables(tmp_path):
     _result(runs / "m_synth", "tA", "x", 1, [10, 20, 30, 5, 15, 25], "X", "first thing")
     _result(runs / "m_synth", "tA", "y", 2, [12, 22, 32, 6, 16, 26], "Y", "second")
     _result(runs / "m_synth", "tB", "w", 1, [1, 2, 3, 4, 5, 6], "W", "fourth")
-    paper = tmp_path / "paper"
-    paper.mkdir()
-    (paper / "m.csv").write_text(
-        "table,row,dataset,protocol,i2t_r1,i2t_r5,i2t_r10,t2i_r1,t2i_r5,t2i_r10,rsum,note\n"
-        "tA,x,f30k,test,60,80,90,40,70,80,420,\n"
-        "tA,y,f30k,test,61,81,91,41,71,81,,recalls only\n"
-        "tA,x,coco,5k,50,70,80,30,60,70,360,\n"
-        "tA,x,coco,1k,70,90,95,50,80,90,475,\n"
-        "tA,y,coco,1k,,,,,,,,\"not printed, empty\"\n")
+    paper = _paper(tmp_path,
+                   "tA,x,f30k,test,60,80,90,40,70,80,420,\n"
+                   "tA,y,f30k,test,61,81,91,41,71,81,,recalls only\n"
+                   "tA,x,coco,5k,50,70,80,30,60,70,360,\n"
+                   "tA,x,coco,1k,70,90,95,50,80,90,475,\n"
+                   "tA,y,coco,1k,,,,,,,,\"not printed, empty\"\n")
     paths, rows = write_report("m", "synthetic", runs, tmp_path / "recipes", paper)
     head = ("| row | what it computes | I→T R@1 | R@5 | R@10 | T→I R@1 | R@5 | R@10 | rsum | Δ | paper F30K rsum | Δ "
             "| paper COCO 1K rsum | Δ |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -382,15 +388,12 @@ def test_a_comparison_table_reads_the_paper_tables_its_table_file_names(tmp_path
                                    "m/cmp/_table.yaml": "paper: {f30k: [t2], coco: [t3_1k, t4_5k]}\n"})
     runs = tmp_path / "runs"
     _result(runs / "m_synth", "cmp", "x", 1, [10, 20, 30, 5, 15, 25], "X", "x")
-    paper = tmp_path / "paper"
-    paper.mkdir()
-    (paper / "m.csv").write_text(
-        "table,row,dataset,protocol,i2t_r1,i2t_r5,i2t_r10,t2i_r1,t2i_r5,t2i_r10,rsum,note\n"
-        "t2,x,f30k,test,60,80,90,40,70,80,420,\n"
-        "cmp,x,f30k,test,1,1,1,1,1,1,6,not the named table\n"
-        "t4_5k,x,coco,5k,50,70,80,30,60,70,360,\n"
-        "t3_1k,x,coco,1k,70,90,95,50,80,90,475,\n"
-        "t4_5k,y,coco,5k,40,60,70,20,50,60,300,only 5K printed\n")
+    paper = _paper(tmp_path,
+                   "t2,x,f30k,test,60,80,90,40,70,80,420,\n"
+                   "cmp,x,f30k,test,1,1,1,1,1,1,6,not the named table\n"
+                   "t4_5k,x,coco,5k,50,70,80,30,60,70,360,\n"
+                   "t3_1k,x,coco,1k,70,90,95,50,80,90,475,\n"
+                   "t4_5k,y,coco,5k,40,60,70,20,50,60,300,only 5K printed\n")
     _, rows = write_report("m", "synthetic", runs, tmp_path / "recipes", paper)
     x, y = rows
     assert (x["paper_f30k_rsum"], x["paper_coco_rsum"], x["paper_coco_protocol"]) == (420.0, 475.0, "1k")
