@@ -207,6 +207,9 @@ def test_malformed_row_blocks_are_errors_naming_the_file(tmp_path):
         paper_tables("m", "t", root)
     (root / "ablations" / "m" / "t" / "_table.yaml").write_text("paper: {f30k: [t2], coco: [t3, t4]}\n")
     assert paper_tables("m", "t", root) == {"synthetic": ["t"], "f30k": ["t2"], "coco": ["t3", "t4"]}
+    (root / "ablations" / "m" / "t" / "_table.yaml").write_text("paper: [unclosed\n")
+    with pytest.raises(ValueError, match="_table.yaml.*not valid YAML"):
+        write_report("m", "synthetic", tmp_path / "runs", root, tmp_path / "nothing")  # not silently dropped
 
 
 def test_a_row_of_another_recipe_takes_the_tables_data_not_its_model(tmp_path, monkeypatch):

@@ -138,11 +138,12 @@ def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes
     printed_in: dict[str, dict[str, list[str]]] = {}  # table folder -> {dataset: paper tables} (its _table.yaml)
     if recipes is not None:
         try:
-            for table, rows in discover(method, recipes).items():
-                layout += [(table, r.name, r.order, r.label, r.what) for r in rows]
-                printed_in[table] = paper_tables(method, table, recipes)
-        except ValueError:
-            pass
+            found = discover(method, recipes)
+        except ValueError:  # no layout for this method: finished runs alone
+            found = {}
+        for table, rows in found.items():
+            layout += [(table, r.name, r.order, r.label, r.what) for r in rows]
+            printed_in[table] = paper_tables(method, table, recipes)  # a malformed _table.yaml is an error
     seen = {(t, r) for t, r, *_ in layout}
     for (t, r), res in results.items():  # finished runs whose row file is gone still count
         if (t, r) not in seen:

@@ -130,7 +130,10 @@ def paper_tables(method: str, table: str, recipes: str | Path = "recipes") -> di
     default = {d: [table] for d in DATA_NAMES}
     if not f.is_file():
         return default
-    cfg = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+    try:
+        cfg = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f, f"not valid YAML: {getattr(e, 'problem', None) or e}", "fix the table file") from None
     paper = cfg.get("paper") if isinstance(cfg, dict) else None
     if not isinstance(paper, dict) or set(cfg) - {"paper"} or set(paper) - set(DATA_NAMES) or not all(
             isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in paper.values()):
