@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from .rows import Row, discover, format_listing, select
+from .rows import Row, discover, format_listing, read_yaml, select
 
 DATASETS = {"synthetic": "synth", "f30k": "f30k", "coco": "coco"}  # DATA -> recipe suffix
 DATA_DIRS = {"f30k": "f30k_precomp", "coco": "coco_precomp"}
@@ -94,25 +94,6 @@ def _deep_merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def read_yaml(f: Path) -> dict:
-    """A recipe/row file as a mapping; a YAML error or a file holding a list/scalar is a DataError naming it."""
-    from datamodules.errors import DataError
-    try:
-        cfg = yaml.safe_load(Path(f).read_text())
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise DataError(f, f"not valid YAML{line}: {getattr(e, 'problem', None) or e}",
-                        "fix the file (a row file holds only the row's deltas, e.g. `model: {init_args: "
-                        "{beta: 0.5}}`)") from None
-    if cfg is None:
-        return {}
-    if not isinstance(cfg, dict):
-        raise DataError(f, f"holds a YAML {type(cfg).__name__}, not a mapping of settings",
-                        "write the row's deltas as keys, e.g. `model:\n  init_args:\n    beta: 0.5`")
-    return cfg
 
 
 def merged_config(*files: Path | None) -> dict:

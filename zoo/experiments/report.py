@@ -137,8 +137,11 @@ def build_rows(method: str, data: str, runs: str | Path = "runs/ablate", recipes
     layout: list[tuple[str, str, int, str, str]] = []
     printed_in: dict[str, dict[str, list[str]]] = {}  # table folder -> {dataset: paper tables} (its _table.yaml)
     if recipes is not None:
+        from datamodules.errors import DataError
         try:
             found = discover(method, recipes)
+        except DataError:  # a broken row file: named, not silently left out
+            raise
         except ValueError:  # no layout for this method: finished runs alone
             found = {}
         for table, rows in found.items():

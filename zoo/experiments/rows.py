@@ -92,15 +92,32 @@ def parse_label(path: Path) -> tuple[str, str]:
     return text, ""
 
 
-def _row_options(path: Path) -> tuple[dict, dict]:
-    """({recipe/ensemble: value}, the deltas) of a row file; a malformed `row:` block is an error naming the file."""
+def read_yaml(f: Path) -> dict:
+    """A recipe/row file as a mapping; a YAML error or a file holding a list/scalar is a DataError naming it."""
     from datamodules.errors import DataError
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        cfg = yaml.safe_load(Path(f).read_text())
     except yaml.YAMLError as e:
-        raise DataError(path, f"not valid YAML: {getattr(e, 'problem', None) or e}", "fix the row file") from None
-    if not isinstance(cfg, dict) or ROW_KEY not in cfg:
-        return {}, cfg if isinstance(cfg, dict) else {}
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise DataError(f, f"not valid YAML{line}: {getattr(e, 'problem', None) or e}",
+                        "fix the file (a row file holds only the row's deltas, e.g. `model: {init_args: "
+                        "{beta: 0.5}}`)") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise DataError(f, f"holds a YAML {type(cfg).__name__}, not a mapping of settings",
+                        "write the row's deltas as keys, e.g. `model:\n  init_args:\n    beta: 0.5`")
+    return cfg
+
+
+def _row_options(path: Path) -> tuple[dict, dict]:
+    """({recipe/ensemble: value}, the deltas) of a row file; invalid YAML, a file that is not a mapping or a
+    malformed `row:` block is an error naming the file."""
+    from datamodules.errors import DataError
+    cfg = read_yaml(path)
+    if ROW_KEY not in cfg:
+        return {}, cfg
     opts, deltas = cfg[ROW_KEY], {k: v for k, v in cfg.items() if k != ROW_KEY}
     hint = ("e.g. `row: {recipe: vsepp}` (another method's recipe) or `row: {ensemble: [scan_t2i, scan_i2t]}` "
             "(rows of this table averaged)")
