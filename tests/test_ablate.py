@@ -124,13 +124,13 @@ def test_checkpoints_are_pointed_at_the_row_folder(tmp_path):
     plain = tmp_path / "plain.yaml"  # a user's recipe with Lightning's own ModelCheckpoint
     plain.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
                      "      init_args: {monitor: val/rsum, mode: max}\n")
-    cbs = checkpoint_callbacks(plain, row, tmp_path / "r")
+    cbs = checkpoint_callbacks(ablate.merged_config(plain, row), tmp_path / "r")
     ckpt = [c for c in cbs if c["class_path"].endswith("ModelCheckpoint")][0]["init_args"]
     assert ckpt["dirpath"] == str(tmp_path / "r" / "checkpoints") and ckpt["save_last"] is True
     assert ckpt["filename"] == "best" and ckpt["monitor"] == "val/rsum"
     zoo_ckpt = tmp_path / "zoo.yaml"
     zoo_ckpt.write_text("trainer:\n  callbacks:\n    - class_path: zoo.callbacks.ZooCheckpoint\n")
-    assert checkpoint_callbacks(zoo_ckpt, row, tmp_path / "r") is None  # already writes <root>/checkpoints
+    assert checkpoint_callbacks(ablate.merged_config(zoo_ckpt, row), tmp_path / "r") is None  # already writes <root>/checkpoints
 
 
 def test_rows_with_equal_settings_train_once_and_sizes_overlay_sits_before_the_row(tmp_path, monkeypatch, capsys):

@@ -106,13 +106,14 @@ def merged_config(*files: Path | None) -> dict:
     return merged
 
 
-def checkpoint_callbacks(recipe: Path, row: Path, row_dir: Path, sizes: Path | None = None) -> list | None:
-    """The recipe's callbacks with every plain ModelCheckpoint pointed at <row dir>/checkpoints, save_last on.
+def checkpoint_callbacks(config: dict, row_dir: Path) -> list | None:
+    """The callbacks of a row's merged settings with every plain ModelCheckpoint pointed at <row dir>/checkpoints,
+    save_last on.
 
     None when nothing needs changing (e.g. zoo.engine.callbacks.ZooCheckpoint, which already writes
     <default_root_dir>/checkpoints/{best,last}.ckpt). best.ckpt/last.ckpt are what the runner resumes and tests.
     """
-    cbs = (merged_config(recipe, sizes, row).get("trainer") or {}).get("callbacks")
+    cbs = (config.get("trainer") or {}).get("callbacks")
     if not isinstance(cbs, list):
         return None
     changed, out = False, []
@@ -126,18 +127,6 @@ def checkpoint_callbacks(recipe: Path, row: Path, row_dir: Path, sizes: Path | N
             changed = True
         out.append(cb)
     return out if changed else None
-
-
-def effective_config(recipe: Path, sizes: Path | None, row: Path, extra: list[str] = ()) -> str:
-    """The row's settings as one canonical string: recipe, sizes overlay and row merged (as the CLI layers
-    them; a list in a later file replaces the earlier one), plus the extra lightning arguments. Two rows with
-    the same string train the same model (e.g. "w/o B-3" of Table 6 and of Tables 2-4, or lambda = 0.5 and
-    the base recipe), so the runner trains only the first."""
-    return canonical(merged_config(recipe, sizes, row), extra)
-
-
-def canonical(config: dict, extra: list[str] = ()) -> str:
-    return json.dumps({"config": config, "extra": list(extra)}, sort_keys=True, default=str)
 
 
 # ---- loggers --------------------------------------------------------------------------------------------
@@ -207,6 +196,19 @@ def wandb_project(method: str, data: str) -> str:
     return f"itm-zoo-{method}-{data}"
 
 
+def results_metrics(by_split: dict[str, dict]) -> dict[str, dict]:
+    """{split: metrics} (zoo.engine.metrics.all_metrics: 'all', '1k', ...) keyed as results.json holds them:
+    'test', 'test_1k', ..."""
+    return {("test" if split == "all" else f"test_{split}"): m for split, m in by_split.items()}
+
+
+def write_results(path: Path, out: dict) -> None:
+    """results.json written atomically: a row is finished exactly when the file exists."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
+
+
 class RowCallback(Callback):
     """Added to every ablation run: sends the full resolved config to W&B and writes the test metrics.
 
@@ -236,8 +238,8 @@ class RowCallback(Callback):
     def on_test_end(self, trainer, pl_module) -> None:
         if not (self.results_path and trainer.is_global_zero):
             return
-        metrics = {("test" if split == "all" else f"test_{split}"): {k: float(v) for k, v in m.items()}
-                   for split, m in getattr(pl_module, "last_metrics", {}).items()}
+        metrics = results_metrics({split: {k: float(v) for k, v in m.items()}
+                                for split, m in getattr(pl_module, "last_metrics", {}).items()})
         Path(self.results_path).parent.mkdir(parents=True, exist_ok=True)
         Path(self.results_path).write_text(json.dumps(metrics, indent=1))
         # also set the run summary directly: a resumed offline run restarts its step count, and history rows
@@ -376,21 +378,27 @@ class Ablation:
         out.append(("row", row.path, row.deltas, row.own_recipe))
         return out
 
-    def config_files(self, row: Row) -> list[Path]:
-        """The --config files of a trained row (derived layers written as <row dir>/ablate_<name>.yaml)."""
+    def config_files(self, row: Row, layers: list | None = None) -> list[Path]:
+        """The --config files of a trained row (derived layers written as <row dir>/ablate_<name>.yaml); layers:
+        self.layers(row) when the caller has them already."""
         files = []
-        for name, f, cfg, as_is in self.layers(row):
+        for name, f, cfg, as_is in layers or self.layers(row):
             if not as_is:
-                f = self.row_dir(row) / f"ablate_{name}.yaml"
-                f.parent.mkdir(parents=True, exist_ok=True)
-                f.write_text(f"# derived by zoo.experiments.ablate from {self.layers_source(row, name)}\n"
-                             + yaml.safe_dump(cfg, sort_keys=False))
+                left_out = {"sizes": "its model: section", "row": "its row: block"}[name]
+                derived = self.row_dir(row) / f"ablate_{name}.yaml"
+                derived.parent.mkdir(parents=True, exist_ok=True)
+                derived.write_text(f"# derived by zoo.experiments.ablate from {f} without {left_out}\n"
+                                   + yaml.safe_dump(cfg, sort_keys=False))
+                f = derived
             files.append(f)
         return files
 
-    def layers_source(self, row: Row, name: str) -> str:
-        return {"sizes": f"{sizes_for(self.method, self.data, self.recipes)} without its model: section",
-                "row": f"{row.path} without its row: block"}[name]
+    def merged(self, row: Row, layers: list | None = None) -> dict:
+        """A trained row's settings: its layers merged as the CLI merges them (a later list replaces)."""
+        merged: dict = {}
+        for _, _, cfg, _ in layers or self.layers(row):
+            merged = _deep_merge(merged, cfg)
+        return merged
 
     def commands(self, row: Row, stage: str, ckpt: Path | None) -> list[str]:
         row_dir = self.row_dir(row)
@@ -398,10 +406,10 @@ class Ablation:
         id_file = row_dir / "wandb_id"
         if not id_file.exists():  # fit and test of a row (and a resumed fit) log to the same W&B run
             id_file.write_text(f"{row.name[:20]}-{secrets.token_hex(4)}")
-        files = self.config_files(row)
-        recipe, *sizes, row_file = files
+        layers = self.layers(row)
+        files = self.config_files(row, layers)
         cfg = overlay(row, self.data, row_dir, stage, self.use_wandb, id_file.read_text().strip(),
-                      checkpoint_callbacks(recipe, row_file, row_dir, sizes[0] if sizes else None))
+                      checkpoint_callbacks(self.merged(row, layers), row_dir))
         cfg_path = row_dir / f"ablate_{stage}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         cmd = [sys.executable, "-m", "zoo", stage]
@@ -424,13 +432,13 @@ class Ablation:
         return [table[n] for n in names]
 
     def config_key(self, row: Row) -> str:
+        """The row's settings as one canonical string: its merged layers plus the extra lightning arguments (an
+        ensemble: its members' strings). Two rows with the same string train the same model (e.g. "w/o B-3" of
+        Table 6 and of Tables 2-4, or lambda = 0.5 and the base recipe), so the runner trains only the first."""
         if row.ensemble is not None:  # its settings are its members' (and how they are averaged)
             return json.dumps({"ensemble": [self.config_key(m) for m in self.members(row)],
                                "extra": list(self.extra)}, sort_keys=True)
-        merged: dict = {}
-        for _, _, cfg, _ in self.layers(row):
-            merged = _deep_merge(merged, cfg)
-        return canonical(merged, self.extra)
+        return json.dumps({"config": self.merged(row), "extra": list(self.extra)}, sort_keys=True, default=str)
 
     def settings_digest(self, row: Row) -> str:
         """sha1 of the row's merged settings and extra arguments (config_key), recorded in results.json."""
@@ -512,10 +520,8 @@ class Ablation:
                "label": row.label, "what": row.what, "row_file": str(row.path), "checkpoint": None,
                "members": ckpts, "settings": self.settings_digest(row), "extra_args": list(self.extra),
                "test_seconds": round(time.time() - t0, 1),
-               "metrics": {("test" if split == "all" else f"test_{split}"): m for split, m in ens.items()}}
-        tmp = (row_dir / "results.json").with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(row_dir / "results.json")
+               "metrics": results_metrics(ens)}
+        write_results(row_dir / "results.json", out)
         return RowResult(row, "finished", time.time() - t0)
 
     def _run_row_locked(self, row: Row, same_as: Row | None = None) -> RowResult:
@@ -526,9 +532,7 @@ class Ablation:
             out = json.loads(earlier.read_text())
             out.update(table=row.table, row=row.name, order=row.order, label=row.label, what=row.what,
                        row_file=str(row.path), same_as=same_as.key, settings=self.settings_digest(row))
-            tmp = results.with_suffix(".tmp")
-            tmp.write_text(json.dumps(out, indent=1))
-            tmp.replace(results)
+            write_results(results, out)
             return RowResult(row, "reused", message=f"same settings as {same_as.key}: its results")
         t0 = time.time()
         fit_done, ckpts = row_dir / ".fit_done", row_dir / "checkpoints"
@@ -561,9 +565,7 @@ class Ablation:
                "settings": self.settings_digest(row), "extra_args": list(self.extra),
                **timings, "test_seconds": round(time.time() - t1, 1),
                "metrics": json.loads(metrics_file.read_text())}
-        tmp = results.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(results)  # atomic: a row is finished exactly when results.json exists
+        write_results(results, out)
         return RowResult(row, "finished", time.time() - t0)
 
     def with_members(self, rows: list[Row]) -> list[Row]:
@@ -677,8 +679,9 @@ def main(argv: list[str] | None = None) -> int:
         check_data(args.data, extra, args.data_root)
         abl = Ablation(args.method, args.data, Path(args.recipes), Path(args.runs), extra=extra)
         rows = abl.with_members(rows)
-        for row in rows:  # every row's recipe (and ensemble members) on this data, before any row trains
-            abl.base_recipe(row) if row.ensemble is None else abl.members(row)
+        for row in rows:  # every row's recipe (an ensemble's members are rows too) on this data, before any trains
+            if row.ensemble is None:
+                abl.base_recipe(row)
     except ValueError as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
