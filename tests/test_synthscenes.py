@@ -125,3 +125,20 @@ def test_twin_batches_need_twins_and_a_share():
         SynthScenesDataModule(root="unused", twin_batches=0.5)
     with pytest.raises(DataError, match="between 0 and 1"):
         SynthScenesDataModule(root="unused", n_train=10, n_dev=4, n_test=4, twins=True, twin_batches=2)
+
+
+def test_twin_batches_under_ddp_is_an_error_and_one_process_gets_the_twin_sampler():
+    """DDP's DistributedSampler wrapper would deal a caption and its twin's to two ranks: refuse, naming the fix."""
+    import types
+
+    import pytest
+
+    from datamodules.errors import DataError
+    from datamodules.synthscenes import SynthScenesDataModule, TwinPairSampler
+
+    dm = SynthScenesDataModule(root="unused", n_train=10, n_dev=4, n_test=4, twins=True, twin_batches=0.5)
+    dm.trainer = types.SimpleNamespace(world_size=2)
+    with pytest.raises(DataError, match=r"(?s)one process \(2 here\).*trainer.devices: 1"):
+        dm.train_sampler(50, seed=0)
+    dm.trainer = types.SimpleNamespace(world_size=1)
+    assert isinstance(dm.train_sampler(50, seed=0), TwinPairSampler)

@@ -147,6 +147,28 @@ def test_subword_augmentation_rates_and_the_mask_token_check():
                                                 "num_attention_heads": 1, "intermediate_size": 8}, subword_augment=1.5)
 
 
+def test_subword_augmentation_without_a_mask_token_is_an_error():
+    """A sub-word tokenizer without [MASK] (a GPT-style one, say) cannot be augmented: an error naming the fix."""
+    import types
+    cfg = {"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 8}
+    m = VSEInfinityBert(bert=None, bert_config=cfg, feature_dim=4, embed_dim=8, subword_augment=0.2)
+
+    class NoMaskTokenizer:
+        mask_token_id = None
+
+        def __len__(self):
+            return 10
+
+    m.configure_from_data(types.SimpleNamespace(subword_tokenizer_obj=NoMaskTokenizer()))
+    ids = torch.tensor([[1, 5, 6, 2]])
+    batch = {"images": torch.randn(1, 3, 4), "image_lengths": torch.tensor([3]), "subword_ids": ids,
+             "subword_mask": ids != 0, "subword_to_word": torch.tensor([[0, 1, 2, 3]])}
+    with pytest.raises(ValueError, match="mask token.*subword_augment: 0"):
+        m.augment(batch)
+    m.hparams.subword_augment = 0.0  # switched off, the same batch passes untouched
+    assert torch.equal(m.augment(batch)["subword_ids"], ids)
+
+
 @pytest.mark.parametrize("data", ["f30k", "coco", "synth"])
 def test_bert_recipe_trains_with_the_subword_augmentation_on_the_offline_model(data, tmp_path, one_thread,
                                                                               monkeypatch):
