@@ -38,10 +38,43 @@ def test_report_from_finished_results(tmp_path):
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps({"metrics": {"test": {"t2i_r1": t2i, "i2t_r1": 70.0,
                                                                           "rsum": 500.0 + seed}}}))
-    table = twins.collect(rows, [0, 1], tmp_path, measure=lambda row, seed, d: 70.0 + seed)
+    table = twins.collect(rows, [0, 1], tmp_path, measure=lambda row, seed, d: {"twin_accuracy": 70.0 + seed})
     md = twins.to_markdown(table, [0, 1], 4)
     assert "| CCCL | 61.0 | 59.0 | 60.0 | 70.0 | 71.0 | 70.5 | 500.0 | 501.0 | 500.5 |" in md
     assert "| CASC-base | — | — | — | — | — | — | — | — | — |" in md
+    assert "best checkpoint (selected on val/rsum)" in md
+    # the last checkpoint's measurement replaces the best's test metrics (results.json holds the best's)
+    last = twins.collect(rows, [0, 1], tmp_path, measure=lambda row, seed, d: {"twin_accuracy": 60.0, "t2i_r1": 1.0,
+                                                                                "i2t_r1": 2.0, "rsum": 3.0})
+    md = twins.to_markdown(last, [0, 1], 8, "last")
+    assert "| CCCL | 1.0 | 1.0 | 1.0 | 60.0 | 60.0 | 60.0 | 3.0 | 3.0 | 3.0 |" in md and "last checkpoint" in md
+
+
+def test_twin_measurement_cache_follows_its_checkpoint(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    from zoo.experiments import ensemble
+
+    class Measured(Exception):
+        pass
+
+    def build_datamodule(configs, overrides):
+        raise Measured(configs)
+
+    monkeypatch.setattr(ensemble, "build_datamodule", build_datamodule)
+    row = tmp_path / "row"
+    (row / "checkpoints").mkdir(parents=True)
+    assert twins.measure_twins(row, [], "last") is None  # not trained: nothing to measure
+    ckpt = row / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    stamp = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns]
+    (row / "twins_last.json").write_text(json.dumps({"metrics": {"twin_accuracy": 55.0}, "stamp": stamp}))
+    assert twins.measure_twins(row, [], "last") == {"twin_accuracy": 55.0}
+    ckpt.write_bytes(b"retrained")  # another checkpoint: the cache is not used, the row is measured again
+    with pytest.raises(Measured):
+        twins.measure_twins(row, ["r.yaml"], "last")
 
 
 def test_twin_accuracy_counts_own_image_above_its_twin_and_ties_as_half():
