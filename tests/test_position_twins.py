@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from zoo.experiments import twins
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +53,6 @@ def test_report_from_finished_results(tmp_path):
 
 
 def test_twin_measurement_cache_follows_its_checkpoint(tmp_path, monkeypatch):
-    import json
-
-    import pytest
-
     from zoo.experiments import ensemble
 
     class Measured(Exception):
@@ -70,8 +68,14 @@ def test_twin_measurement_cache_follows_its_checkpoint(tmp_path, monkeypatch):
     ckpt = row / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(b"x")
     stamp = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns]
-    (row / "twins_last.json").write_text(json.dumps({"metrics": {"twin_accuracy": 55.0}, "stamp": stamp}))
+    (row / "twins_last.json").write_text(json.dumps({"metrics": {"twin_accuracy": 55.0}, "stamp": stamp,
+                                                      "twin_test": None, "version": twins.CACHE_VERSION}))
     assert twins.measure_twins(row, [], "last") == {"twin_accuracy": 55.0}
+    with pytest.raises(Measured):  # another twin test size is another measurement
+        twins.measure_twins(row, ["r.yaml"], "last", twin_test=2000)
+    (row / "twins_last.json").write_text(json.dumps({"metrics": {"twin_accuracy": 55.0}, "stamp": stamp}))
+    with pytest.raises(Measured):  # a cache of an older version (no standard errors) is measured again
+        twins.measure_twins(row, ["r.yaml"], "last")
     ckpt.write_bytes(b"retrained")  # another checkpoint: the cache is not used, the row is measured again
     with pytest.raises(Measured):
         twins.measure_twins(row, ["r.yaml"], "last")
@@ -91,3 +95,86 @@ def test_twin_accuracy_counts_own_image_above_its_twin_and_ties_as_half():
 def test_unknown_row_is_an_error(capsys):
     assert twins.main(["--rows", "nope"]) == 2
     assert "no row nope" in capsys.readouterr().err
+
+
+def test_twin_standard_error_is_clustered_by_twin_pair():
+    import math
+
+    import torch
+    # 3 twin pairs, 1 caption per image: pair 0 both right, pair 1 both wrong, pair 2 one right and one tie
+    own = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.5])
+    twin = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.5])
+    acc, se = twins.twin_stats(own, twin, caps_per_image=1)
+    pair_means = [1.0, 0.0, 0.75]
+    m = sum(pair_means) / 3
+    assert acc == 100 * (1 + 1 + 0 + 0 + 1 + 0.5) / 6
+    assert math.isclose(se, 100 * math.sqrt(sum((p - m) ** 2 for p in pair_means) / 2 / 3))
+    # a binomial error over 6 independent captions would be smaller than the clustered one here
+    p = acc / 100
+    assert se > 100 * math.sqrt(p * (1 - p) / 6)
+    with pytest.raises(ValueError, match="whole twin pairs"):
+        twins.twin_stats(own[:5], twin[:5], caps_per_image=1)
+
+
+def _tiny_twin_row(tmp_path):
+    """A CCCL row of `make twins` shrunk to a tiny twin SynthScenes, one training step, its last.ckpt saved."""
+    import lightning as L
+    import yaml
+
+    from zoo.cli import ZooCLI
+    from zoo.engine.module import RetrievalModule
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump({
+        "data": {"init_args": {"root": str(tmp_path / "ss"), "n_train": 20, "n_dev": 4, "n_test": 4,
+                               "feature_dim": 16, "num_regions": 4, "num_workers": 0, "vocab_min_count": 1,
+                               "batch_size": 8, "eval_batch_size": 4}},
+        "model": {"init_args": {"feature_dim": 16, "embed_dim": 8, "word_dim": 4}}}))
+    configs = [str(ROOT / "recipes" / "cccl_synth.yaml"), str(ROOT / "recipes" / "position_twins" / "_data.yaml"),
+               str(tiny)]
+    cli = ZooCLI(RetrievalModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                 args=[a for c in configs for a in ("--config", c)])
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(cli.model, cli.datamodule)
+    row = tmp_path / "row"
+    (row / "checkpoints").mkdir(parents=True)
+    trainer.save_checkpoint(row / "checkpoints" / "last.ckpt")
+    return cli, row, configs
+
+
+def test_pair_by_pair_twin_scores_equal_the_matrix_and_the_twin_test_split(tmp_path, monkeypatch, one_thread):
+    import torch
+
+    from zoo.experiments.ensemble import similarity_matrix
+    monkeypatch.chdir(tmp_path)  # the twin test split is generated under ./.cache
+    cli, row, configs = _tiny_twin_row(tmp_path)
+    model, dm = cli.model.eval(), cli.datamodule
+    dm.setup("test")
+    n, cpi = dm.num_eval_images("test"), dm.caps_per_image
+    sims = similarity_matrix(model, dm.test_dataloader(), n, cpi)
+    want = twins.own_and_twin(sims, cpi)
+    assert want[0].std() > 0  # real, varying scores
+    for per_block in (1, 3):
+        got = twins.twin_pair_scores(model, dm.test_dataloader(), n, cpi, pairs_per_block=per_block)
+        torch.testing.assert_close(got, want)
+    # the whole measurement: a twin test split of the rows' own size is the same data, so the same accuracy
+    m = twins.measure_twins(row, configs, "last", twin_test=4)
+    assert m["twin_test_scenes"] == 4 and m["twin_test_accuracy"] == m["twin_accuracy"]
+    assert m["twin_test_se"] == m["twin_accuracy_se"] and "rsum" in m
+    assert (tmp_path / ".cache" / "synthscenes_twins_test4").is_dir()
+    # cached by checkpoint and twin test size: asking for another size measures again
+    assert twins.measure_twins(row, configs, "last", twin_test=4) == m
+    assert twins.measure_twins(row, configs, "last", twin_test=8)["twin_test_scenes"] == 8
+
+
+def test_report_shows_standard_errors_and_the_twin_test_columns(tmp_path):
+    rows = twins.rows(ROOT / "recipes")
+    d = tmp_path / "seed0" / "cccl_synth" / "position_twins" / "cccl"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"metrics": {"test": {"t2i_r1": 61.0, "rsum": 500.0}}}))
+    table = twins.collect(rows, [0], tmp_path, measure=lambda row, seed, d: {
+        "twin_accuracy": 55.0, "twin_accuracy_se": 1.25, "twin_test_accuracy": 56.0, "twin_test_se": 0.5,
+        "twin_test_scenes": 2000})
+    md = twins.to_markdown(table, [0], 8, "last")
+    assert "| CCCL | 61.0 | 61.0 | 55.0 ± 1.2 | 55.0 | 56.0 ± 0.5 | 56.0 | 500.0 | 500.0 |" in md
+    assert "2000-scene twin test split" in md and "| twin test s0 | twin test mean |" in md

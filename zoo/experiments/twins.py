@@ -30,35 +30,98 @@ from .rows import ROW_FILE, Row, parse_label
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {"cccl": "cccl", "cccl_wo_position": "cccl", "casc_base": "casc_base"}  # row -> method (its recipe)
-METRICS = ("t2i_r1", "i2t_r1", "rsum", "twin_accuracy")
+METRICS = ("t2i_r1", "i2t_r1", "rsum", "twin_accuracy", "twin_accuracy_se", "twin_test_accuracy", "twin_test_se")
+
+
+def twin_stats(s_own, s_twin, caps_per_image: int = 5) -> tuple[float, float]:
+    """(twin accuracy %, its standard error) from each caption's score with its own image and with that image's
+    twin, captions in image order (caption j describes image j // caps_per_image; images 2k, 2k + 1 are twins).
+
+    A tie counts one half. The standard error is clustered by twin pair: the 2 * caps_per_image captions of a pair
+    share their two images, so they are not independent draws (the binomial sqrt(p(1-p)/n) would understate it).
+    """
+    import torch
+    hit = (s_own > s_twin).double() + 0.5 * (s_own == s_twin).double()
+    per_pair = 2 * caps_per_image
+    if hit.numel() % per_pair:
+        raise ValueError(f"twin accuracy needs whole twin pairs: {hit.numel()} captions, {caps_per_image} per image")
+    pairs = hit.view(-1, per_pair).mean(1)
+    se = float(pairs.std(unbiased=True) / pairs.numel() ** 0.5) if pairs.numel() > 1 else float("nan")
+    return float(100 * hit.mean()), 100 * se
+
+
+def own_and_twin(sims, caps_per_image: int = 5):
+    """Each caption's score with its own image and with its twin, from an [I, C] matrix."""
+    import torch
+    n_img = sims.shape[0]
+    if n_img % 2:
+        raise ValueError(f"twin accuracy needs pairs of images, got {n_img}")
+    own = torch.arange(sims.shape[1]) // caps_per_image
+    cols = torch.arange(sims.shape[1])
+    return sims[own, cols], sims[own ^ 1, cols]
 
 
 def twin_accuracy(sims, caps_per_image: int = 5) -> float:
     """% of captions that score their own image above its mirror twin (images 2k, 2k + 1): 50 = boxes unused."""
+    return twin_stats(*own_and_twin(sims, caps_per_image), caps_per_image)[0]
+
+
+def twin_pair_scores(model, loader, n_images: int, caps_per_image: int = 5, pairs_per_block: int = 8):
+    """(own, twin) scores of every caption of a split without its [I, C] matrix: each block scores a few twin pairs'
+    images against their own captions only, so a large twin test split costs ~2 * pairs_per_block pairs per caption
+    instead of I. Scores are per pair (no scorer of the zoo normalises across a block), so they equal the matrix's
+    entries (tested)."""
     import torch
-    n_img = sims.shape[0]
-    own = torch.arange(sims.shape[1]) // caps_per_image
-    twin = own ^ 1
-    if n_img % 2:
-        raise ValueError(f"twin accuracy needs pairs of images, got {n_img}")
-    cols = torch.arange(sims.shape[1])
-    s_own, s_twin = sims[own, cols], sims[twin, cols]
-    return float(100 * ((s_own > s_twin).double() + 0.5 * (s_own == s_twin).double()).mean())
+    from ..engine.evaluation import cat_embeddings, gather_and_order, trim_padding
+    if n_images % 2:
+        raise ValueError(f"twin accuracy needs pairs of images, got {n_images}")
+    img_chunks, cap_chunks, image_ids, caption_ids = [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            img_chunks.append(model.encode_images(batch))
+            cap_chunks.append(model.encode_captions(batch))
+            image_ids.append(batch["image_ids"])
+            caption_ids.append(batch["caption_ids"])
+        img = gather_and_order(cat_embeddings(img_chunks), torch.cat(image_ids), n_images, "images")
+        cap = gather_and_order(cat_embeddings(cap_chunks), torch.cat(caption_ids), n_images * caps_per_image,
+                               "captions")
+        own, twin = [], []
+        for a in range(0, n_images, 2 * pairs_per_block):
+            b = min(n_images, a + 2 * pairs_per_block)
+            ib = {k: v[a:b] for k, v in img.items()}
+            cb = trim_padding({k: v[a * caps_per_image:b * caps_per_image] for k, v in cap.items()})
+            o, t = own_and_twin(model.score(ib, cb).float(), caps_per_image)
+            own.append(o)
+            twin.append(t)
+    return torch.cat(own), torch.cat(twin)
 
 
-def measure_twins(row_dir: Path, configs: list[str], checkpoint: str = "best") -> dict | None:
-    """Twin accuracy of the row's best (or last) checkpoint on the test split -> {"twin_accuracy": ...}; for the last
-    checkpoint also its test metrics (the row's results.json holds the best's). Cached in <row dir>/twins.json
-    (twins_last.json), keyed by the checkpoint's size and time, so a retrained row is measured again."""
+CACHE_VERSION = 2  # 2: standard errors and the twin test split
+
+
+def twin_test_overrides(scenes: int) -> list[str]:
+    """The datamodule arguments of a larger twin test split: the same world, train and dev (so the same vocabulary),
+    `scenes` test scenes generated into their own folder."""
+    return ["--data.init_args.n_test", str(scenes), "--data.init_args.root", f".cache/synthscenes_twins_test{scenes}"]
+
+
+def measure_twins(row_dir: Path, configs: list[str], checkpoint: str = "best", twin_test: int | None = None
+                  ) -> dict | None:
+    """Twin accuracy (and its clustered standard error) of the row's best (or last) checkpoint on the test split;
+    for the last checkpoint also its test metrics (the row's results.json holds the best's); with twin_test=N also
+    the twin accuracy on an N-scene twin test split (twin_test_accuracy / twin_test_se), scored pair by pair.
+    Cached in <row dir>/twins.json (twins_last.json), keyed by the checkpoint's size and time and the twin test
+    size, so a retrained row is measured again."""
     import json
     ckpt = row_dir / "checkpoints" / f"{checkpoint}.ckpt"
     cache = row_dir / ("twins.json" if checkpoint == "best" else f"twins_{checkpoint}.json")
     if not ckpt.exists():
         return None
     stamp = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns]
+    key = {"stamp": stamp, "twin_test": twin_test, "version": CACHE_VERSION}
     if cache.exists():
         got = json.loads(cache.read_text())
-        if got.get("stamp") == stamp:
+        if all(got.get(k) == v for k, v in key.items()):
             return got["metrics"]
     from ..engine.checkpoints import load_model
     from ..engine.metrics import retrieval_metrics
@@ -68,10 +131,17 @@ def measure_twins(row_dir: Path, configs: list[str], checkpoint: str = "best") -
     import torch
     with torch.no_grad():
         sims = similarity_matrix(model, dm.test_dataloader(), dm.num_eval_images("test"), dm.caps_per_image)
-    metrics = {"twin_accuracy": twin_accuracy(sims, dm.caps_per_image)}
+    acc, se = twin_stats(*own_and_twin(sims, dm.caps_per_image), dm.caps_per_image)
+    metrics = {"twin_accuracy": acc, "twin_accuracy_se": se}
     if checkpoint != "best":
         metrics.update({k: float(v) for k, v in retrieval_metrics(sims, dm.caps_per_image).items()})
-    cache.write_text(json.dumps({"metrics": metrics, "checkpoint": str(ckpt), "stamp": stamp}))
+    if twin_test:
+        big = build_datamodule(configs, twin_test_overrides(twin_test))
+        n = big.num_eval_images("test")
+        acc, se = twin_stats(*twin_pair_scores(model, big.test_dataloader(), n, big.caps_per_image),
+                             big.caps_per_image)
+        metrics.update({"twin_test_accuracy": acc, "twin_test_se": se, "twin_test_scenes": n})
+    cache.write_text(json.dumps({"metrics": metrics, "checkpoint": str(ckpt), **key}))
     return metrics
 
 
@@ -105,31 +175,44 @@ def collect(all_rows: list[Row], seeds: list[int], runs: Path, measure=None) -> 
             m = dict((res or {}).get("metrics", {}).get("test", {}))
             if res is not None and measure is not None:
                 m.update(measure(row, seed, f.parent) or {})
-            table.append({"row": row.name, "label": row.label, "seed": seed, **{k: m.get(k) for k in METRICS}})
+            table.append({"row": row.name, "label": row.label, "seed": seed,
+                          **{k: m.get(k) for k in (*METRICS, "twin_test_scenes")}})
     return table
 
 
 def to_markdown(table: list[dict], seeds: list[int], epochs: int, checkpoint: str = "best") -> str:
+    big = sorted({r["twin_test_scenes"] for r in table if r.get("twin_test_scenes")})
     lines = ["# Box positions on SynthScenes twins: CCCL against CCCL w/o POS and CASC-base", "",
              f"Test split of recipes/position_twins/_data.yaml (mirror-image twin scenes, each caption stating a "
              f"left/right relation), {epochs} epochs, {checkpoint} checkpoint ("
              f"{'selected on val/rsum' if checkpoint == 'best' else 'the last epoch'}), seeds {', '.join(map(str, seeds))}. A model that reads no boxes "
              "cannot tell twins apart: its T→I R@1 is capped near 50. `python -m zoo.experiments.twins` wrote this.",
              "Twin accuracy: the share of test captions that score their own image above its mirror twin (50 = the "
-             "boxes are not used).",
+             "boxes are not used); ± one standard error, clustered by twin pair.",
+             *([f"Twin test: the twin accuracy on a separate {', '.join(map(str, big))}-scene twin test split "
+                "(`--twin-test`; the same world, train and dev data), each caption scored against its own image "
+                "and its twin only."] if big else []),
              "", "| row | " + " | ".join(f"T→I R@1 s{s}" for s in seeds) + " | T→I R@1 mean | "
              + " | ".join(f"twin acc. s{s}" for s in seeds) + " | twin acc. mean | "
+             + ("".join(f"twin test s{s} | " for s in seeds) + "twin test mean | " if big else "")
              + " | ".join(f"rsum s{s}" for s in seeds) + " | rsum mean |",
-             "|---|" + "---|" * (3 * len(seeds) + 3)]
+             "|---|" + "---|" * ((4 if big else 3) * len(seeds) + (4 if big else 3))]
     for label in dict.fromkeys(r["label"] for r in table):
         mine = [r for r in table if r["label"] == label]
 
-        def cells(key):
-            vals = [r[key] for r in mine]
+        def cells(key, se_key=None):
+            vals = [r.get(key) for r in mine]
             got = [v for v in vals if v is not None]
             mean = f"{statistics.mean(got):.1f}" if len(got) == len(vals) else "—"
-            return [f"{v:.1f}" if v is not None else "—" for v in vals] + [mean]
-        lines.append(f"| {label} | " + " | ".join(cells("t2i_r1") + cells("twin_accuracy") + cells("rsum")) + " |")
+            out = []
+            for r, v in zip(mine, vals):
+                se = r.get(se_key) if se_key else None
+                out.append("—" if v is None else f"{v:.1f}" + (f" ± {se:.1f}" if se is not None else ""))
+            return out + [mean]
+        got = cells("t2i_r1") + cells("twin_accuracy", "twin_accuracy_se")
+        if big:
+            got += cells("twin_test_accuracy", "twin_test_se")
+        lines.append(f"| {label} | " + " | ".join(got + cells("rsum")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,9 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", choices=["best", "last"], default="best",
                     help="the checkpoint tested: best on val/rsum (which barely sees the twins: they move T->I R@1 of "
                          "one image in two) or the last epoch's")
+    ap.add_argument("--twin-test", type=int, default=None, metavar="SCENES",
+                    help="also measure the twin accuracy on a separate twin test split of this many scenes (even), "
+                         "scored pair by pair: a smaller standard error than the rows' 200-scene test split")
     ap.add_argument("--logger", default=os.environ.get("LOGGER", "csv"), type=str.lower, choices=["wandb", "csv"])
     args = ap.parse_args(argv)
     args.extra = extra
+    if args.twin_test is not None and (args.twin_test < 2 or args.twin_test % 2):
+        print(f"error: --twin-test {args.twin_test}: give an even number of scenes (a scene and its twin), e.g. 2000",
+              file=sys.stderr)
+        return 2
     try:
         chosen = rows(args.recipes)
         if args.rows:
@@ -174,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         sizes = sizes_for(row.method, "synthetic", args.recipes)
         configs = [str(recipe_for(row.method, "synthetic", args.recipes)), *([str(sizes)] if sizes else []),
                    str(row.path), str(args.recipes / "position_twins" / "_data.yaml")]
-        return measure_twins(row_dir, configs, args.checkpoint)
+        return measure_twins(row_dir, configs, args.checkpoint, args.twin_test)
 
     table = collect(chosen, args.seeds, args.runs, measure)
     out = args.out or args.runs
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(to_markdown(table, args.seeds, args.epochs, args.checkpoint))
     with open(out / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["row", "label", "seed", *METRICS])
+        w = csv.DictWriter(f, fieldnames=["row", "label", "seed", *METRICS, "twin_test_scenes"])
         w.writeheader()
         w.writerows(table)
     print(f"[twins] report: {out / 'report.md'}\n" + (out / "report.md").read_text())
