@@ -9,10 +9,16 @@ objects altogether. Region features never encode position: spatial relations in 
 Captions (5 per image) come from a small grammar naming random subsets of the scene.
 
 `twins=True` (an option; the default data is unchanged) writes every scene twice, the second a mirror image of
-the first: the same detections (concept mixes), fresh feature noise, boxes mirrored left-right, regions in a new
-order. Each caption then states a left/right relation between two named objects, so within a pair of twins
+the first. Each caption then states a left/right relation between two named objects, so within a pair of twins
 only the boxes decide which image a caption describes; a model that reads no boxes can do no better than a
 coin flip between the two (data where box position features can show what they do: CCCL's "w/o POS" row).
+`twin_regions` says what else the twin shares:
+- "same" (default): the very same region features in the same order; only the boxes are mirrored. Nothing but the
+  boxes tells twins apart, in training too.
+- "resampled" (the first version, kept for its reports): the same detections (concept mixes) with fresh feature
+  noise, in another order. A model can then memorise which noisy copy a training caption goes with: CASC-base,
+  which reads no boxes, tells 75 % of its *training* twins apart after 8 epochs and 50 % of the test twins, so the
+  twins teach noise instead of positions (README, "Box positions on twin scenes").
 
 Deterministic given (seed, sizes): the concept space comes from `world_seed`, shared by all splits.
 """
@@ -39,6 +45,7 @@ SCENES = {"grass": "on the grass", "beach": "on the beach", "street": "in the st
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 NUMBERS = {2: "two", 3: "three"}
 N_CLUTTER = 50
+TWIN_REGIONS = ("same", "resampled")
 
 
 @dataclass
@@ -60,11 +67,14 @@ class SynthScenesConfig:
     version: int = 1
     splits: dict = field(default_factory=dict)
     twins: bool = False  # mirror-image twin scenes whose captions state left/right relations (module docstring)
+    twin_regions: str = "same"  # what a twin shares besides the mirrored scene: TWIN_REGIONS (module docstring)
 
     def digest(self) -> str:
         d = asdict(self)
         if not d["twins"]:  # options added later leave the default data's digest (and its caches) as they were
-            del d["twins"]
+            del d["twins"], d["twin_regions"]
+        elif d["twin_regions"] == "resampled":  # the first twins, from before twin_regions: their digest as it was
+            del d["twin_regions"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -228,6 +238,11 @@ def generate_split(root: Path, split: str, n_images: int, cfg: SynthScenesConfig
                 scene = _sample_twin_scene(rng, cfg)
                 mix, boxes[i] = _render(scene, rng, world, cfg)
                 twin_mix, twin_boxes = mix, boxes[i].copy()
+            elif cfg.twin_regions == "same":  # the mirror image of scene i - 1: its very regions, boxes mirrored
+                scene = _mirror(scenes[-1])
+                mix = twin_mix
+                boxes[i] = np.stack([1 - twin_boxes[:, 2], twin_boxes[:, 1], 1 - twin_boxes[:, 0],
+                                     twin_boxes[:, 3]], axis=1)
             else:  # the mirror image of scene i - 1: the same detections, mirrored boxes, another region order
                 scene = _mirror(scenes[-1])
                 perm = rng.permutation(cfg.num_regions)
@@ -239,6 +254,8 @@ def generate_split(root: Path, split: str, n_images: int, cfg: SynthScenesConfig
             scenes.append(scene)
         x = np.stack(mixes) @ world.vectors
         x += cfg.noise * rng.standard_normal(x.shape, dtype=np.float32)
+        if cfg.twins and cfg.twin_regions == "same":
+            x[1::2] = x[0::2]  # a twin's features are its scene's, noise included (chunks start at even images)
         feats[a:b] = np.maximum(x, 0.0)  # bottom-up features are post-ReLU, non-negative
     feats.flush()
     del feats
@@ -305,18 +322,24 @@ class SynthScenesDataModule(_datamodule_base()):
 
     Sizes and difficulty are arguments; everything else (batching, boxes, graphs) is PrecompDataModule's.
     twins: mirror-image twin scenes with left/right captions (module docstring); n_train/n_dev/n_test even.
+    twin_regions: "same" (a twin has its scene's very features, only the boxes mirrored) or "resampled" (fresh
+        noise, another region order: the first twins, which a model can tell apart in training by their noise).
     twin_batches: the share of training captions served beside a caption of their twin (TwinPairSampler; 0 = the
         usual random order). Needs twins and one process (DDP's sampler wrapper would deal a pair to two ranks).
     """
 
     def __init__(self, root: str = ".cache/synthscenes", n_train: int = 3000, n_dev: int = 500, n_test: int = 1000,
                  seed: int = 0, num_regions: int = 36, feature_dim: int = 2048, noise: float = 1.0,
-                 miss_prob: float = 0.1, twins: bool = False, twin_batches: float = 0.0, **kwargs):
+                 miss_prob: float = 0.1, twins: bool = False, twin_regions: str = "same", twin_batches: float = 0.0,
+                 **kwargs):
         from .precomp import check_sizes
         check_sizes(n_train=n_train, n_dev=n_dev, n_test=n_test)
         if not 0.0 <= twin_batches <= 1.0:
             from .errors import DataError
             raise DataError(None, f"data.twin_batches is {twin_batches!r}", "give a share between 0 and 1")
+        if twin_regions not in TWIN_REGIONS:
+            from .errors import DataError
+            raise DataError(None, f"data.twin_regions is {twin_regions!r}", f"use one of {', '.join(TWIN_REGIONS)}")
         if twin_batches and not twins:
             from .errors import DataError
             raise DataError(None, "data.twin_batches groups twin scenes, but data.twins is false",
@@ -332,7 +355,7 @@ class SynthScenesDataModule(_datamodule_base()):
         self.synth_config = SynthScenesConfig(n_train=n_train, n_dev=n_dev, n_test=n_test, seed=seed,
                                               num_regions=num_regions, feature_dim=feature_dim, noise=noise,
                                               miss_prob=miss_prob, caps_per_image=self.caps_per_image,
-                                              twins=twins)
+                                              twins=twins, twin_regions=twin_regions)
         self.twin_batches = twin_batches
 
     def train_sampler(self, n: int, seed: int):

@@ -45,6 +45,10 @@ def test_the_default_data_is_unchanged_by_the_twins_option():
     demo = SynthScenesConfig(n_train=2000, n_dev=200, n_test=500)
     assert demo.digest() == "2ec93f3728c8"  # written before `twins` existed
     assert SynthScenesConfig(n_train=2000, n_dev=200, n_test=500, twins=True).digest() != demo.digest()
+    # twin_regions came later: the first twins ("resampled") keep their digest (`make twins` data before it)
+    first = SynthScenesConfig(n_train=800, n_dev=100, n_test=200, num_regions=18, twins=True, twin_regions="resampled")
+    assert first.digest() == "80e4936c978a"
+    assert SynthScenesConfig(n_train=800, n_dev=100, n_test=200, num_regions=18, twins=True).digest() != first.digest()
 
 
 def test_twin_scenes_differ_only_in_their_mirrored_boxes(tmp_path):
@@ -55,7 +59,8 @@ def test_twin_scenes_differ_only_in_their_mirrored_boxes(tmp_path):
 
     from datamodules.synthscenes import RELATIONS, _relation
 
-    cfg = SynthScenesConfig(n_train=12, n_dev=4, n_test=4, feature_dim=64, num_regions=12, noise=0.0, twins=True)
+    cfg = SynthScenesConfig(n_train=12, n_dev=4, n_test=4, feature_dim=64, num_regions=12, noise=0.0, twins=True,
+                            twin_regions="resampled")
     root = generate_synthscenes(tmp_path / "t", cfg, progress=False)
     feats, boxes = np.load(root / "train_ims.npy"), np.load(root / "train_boxes.npy")
     scenes = json.loads((root / "train_scenes.json").read_text())
@@ -82,6 +87,40 @@ def test_twin_scenes_differ_only_in_their_mirrored_boxes(tmp_path):
                 f, s = sing(first, groups), sing(second, groups)
                 assert _relation(groups[f], groups[s]) == rel, cap
                 assert _relation(other[f], other[s]) == {"left": "right", "right": "left"}[rel], cap
+
+
+def test_same_region_twins_share_their_features_noise_and_order_and_only_the_boxes_are_mirrored(tmp_path):
+    """twin_regions="same" (the default): a twin's feature rows are its scene's, noise included, in the same order, so
+    nothing but the boxes tells a caption's image from its twin, in training too; captions as in the resampled twins."""
+    import json
+
+    from datamodules.synthscenes import _relation
+
+    cfg = SynthScenesConfig(n_train=12, n_dev=4, n_test=4, feature_dim=64, num_regions=12, twins=True)
+    assert cfg.twin_regions == "same" and cfg.noise > 0
+    root = generate_synthscenes(tmp_path / "t", cfg, progress=False)
+    feats, boxes = np.load(root / "train_ims.npy"), np.load(root / "train_boxes.npy")
+    scenes = json.loads((root / "train_scenes.json").read_text())
+    for k in range(0, 12, 2):
+        np.testing.assert_array_equal(feats[k], feats[k + 1])
+        mirrored = np.stack([1 - boxes[k][:, 2], boxes[k][:, 1], 1 - boxes[k][:, 0], boxes[k][:, 3]], 1)
+        np.testing.assert_allclose(mirrored, boxes[k + 1], atol=1e-6)
+        assert not np.allclose(boxes[k], boxes[k + 1])
+        assert not np.array_equal(feats[k], feats[(k + 2) % 12])  # different scenes stay different
+        a, b = scenes[k]["groups"], scenes[k + 1]["groups"]
+        flips = {"left": "right", "right": "left", "above": "above", "below": "below", None: None}
+        assert all(_relation(b[i], b[j]) == flips[_relation(a[i], a[j])]
+                   for i in range(len(a)) for j in range(len(a)) if i != j)
+
+
+def test_twin_regions_must_be_known():
+    import pytest
+
+    from datamodules.errors import DataError
+    from datamodules.synthscenes import SynthScenesDataModule
+
+    with pytest.raises(DataError, match="(?s)twin_regions is 'fresh'.*same, resampled"):
+        SynthScenesDataModule(root="unused", n_train=10, n_dev=4, n_test=4, twins=True, twin_regions="fresh")
 
 
 def test_twins_need_even_split_sizes():
