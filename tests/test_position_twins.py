@@ -178,3 +178,25 @@ def test_report_shows_standard_errors_and_the_twin_test_columns(tmp_path):
     md = twins.to_markdown(table, [0], 8, "last")
     assert "| CCCL | 61.0 | 61.0 | 55.0 ± 1.2 | 55.0 | 56.0 ± 0.5 | 56.0 | 500.0 | 500.0 |" in md
     assert "2000-scene twin test split" in md and "| twin test s0 | twin test mean |" in md
+
+
+def test_t2i_recall_with_ties_split_is_the_mean_over_random_tie_breaks():
+    import torch
+
+    from zoo.engine.metrics import retrieval_metrics
+    g = torch.Generator().manual_seed(0)
+    sims = torch.randint(0, 3, (6, 12), generator=g).double()  # 6 images, 2 captions each: many ties
+    sims[:, 0] = sims[1, 0] = 5.0  # caption 0 ties with every image: 1 / 6 for R@1
+    draws = []
+    for _ in range(1500):  # break the ties with jitter far below every gap, as a random ordering would
+        draws.append(retrieval_metrics(sims + 1e-3 * torch.rand(sims.shape, generator=g), 2)["t2i_r1"])
+    mc = sum(draws) / len(draws)
+    got = twins.t2i_recall_ties_split(sims, 2)
+    assert abs(got - mc) < 1.0, (got, mc)
+    assert retrieval_metrics(sims, 2)["t2i_r1"] < got  # the zoo's pessimistic ranks count every tie as a miss
+    for k in (5,):
+        mc_k = sum(retrieval_metrics(sims + 1e-3 * torch.rand(sims.shape, generator=g), 2)["t2i_r5"]
+                   for _ in range(1000)) / 1000
+        assert abs(twins.t2i_recall_ties_split(sims, 2, k) - mc_k) < 1.5
+    untied = torch.rand(6, 12, generator=g)
+    assert twins.t2i_recall_ties_split(untied, 2) == retrieval_metrics(untied, 2)["t2i_r1"]

@@ -30,7 +30,8 @@ from .rows import ROW_FILE, Row, parse_label
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {"cccl": "cccl", "cccl_wo_position": "cccl", "casc_base": "casc_base"}  # row -> method (its recipe)
-METRICS = ("t2i_r1", "i2t_r1", "rsum", "twin_accuracy", "twin_accuracy_se", "twin_test_accuracy", "twin_test_se")
+METRICS = ("t2i_r1", "t2i_r1_ties_split", "i2t_r1", "rsum", "twin_accuracy", "twin_accuracy_se", "twin_test_accuracy",
+           "twin_test_se")
 
 
 def twin_stats(s_own, s_twin, caps_per_image: int = 5) -> tuple[float, float]:
@@ -66,6 +67,19 @@ def twin_accuracy(sims, caps_per_image: int = 5) -> float:
     return twin_stats(*own_and_twin(sims, caps_per_image), caps_per_image)[0]
 
 
+def t2i_recall_ties_split(sims, caps_per_image: int = 5, k: int = 1) -> float:
+    """T->I R@k (%) with ties broken at random, in expectation: a caption whose image ties with t others and is
+    beaten by b counts min(1, max(0, k - b) / (t + 1)). On same-region twins (twin_regions: same) a model that reads
+    no boxes gives a caption's image and its twin the very same score; the zoo's metrics count ties against the model
+    (zoo.engine.metrics), which puts its T->I R@1 at 0 where a coin flip between the twins would give about half of
+    its top-2 rate. Equal to the usual R@k when nothing ties."""
+    import torch
+    own, _ = own_and_twin(sims, caps_per_image)
+    above = (sims > own[None]).sum(0).double()
+    ties = (sims == own[None]).sum(0).double() - 1
+    return float(100 * ((k - above).clamp(min=0) / (ties + 1)).clamp(max=1).mean())
+
+
 def twin_pair_scores(model, loader, n_images: int, caps_per_image: int = 5, pairs_per_block: int = 8):
     """(own, twin) scores of every caption of a split without its [I, C] matrix: each block scores a few twin pairs'
     images against their own captions only, so a large twin test split costs ~2 * pairs_per_block pairs per caption
@@ -96,7 +110,7 @@ def twin_pair_scores(model, loader, n_images: int, caps_per_image: int = 5, pair
     return torch.cat(own), torch.cat(twin)
 
 
-CACHE_VERSION = 2  # 2: standard errors and the twin test split
+CACHE_VERSION = 3  # 2: standard errors and the twin test split; 3: T->I R@1 with ties split
 
 
 def twin_test_overrides(scenes: int) -> list[str]:
@@ -132,7 +146,8 @@ def measure_twins(row_dir: Path, configs: list[str], checkpoint: str = "best", t
     with torch.no_grad():
         sims = similarity_matrix(model, dm.test_dataloader(), dm.num_eval_images("test"), dm.caps_per_image)
     acc, se = twin_stats(*own_and_twin(sims, dm.caps_per_image), dm.caps_per_image)
-    metrics = {"twin_accuracy": acc, "twin_accuracy_se": se}
+    metrics = {"twin_accuracy": acc, "twin_accuracy_se": se,
+               "t2i_r1_ties_split": t2i_recall_ties_split(sims, dm.caps_per_image)}
     if checkpoint != "best":
         metrics.update({k: float(v) for k, v in retrieval_metrics(sims, dm.caps_per_image).items()})
     if twin_test:
@@ -182,6 +197,8 @@ def collect(all_rows: list[Row], seeds: list[int], runs: Path, measure=None) -> 
 
 def to_markdown(table: list[dict], seeds: list[int], epochs: int, checkpoint: str = "best") -> str:
     big = sorted({r["twin_test_scenes"] for r in table if r.get("twin_test_scenes")})
+    split = any(r.get("t2i_r1_ties_split") is not None for r in table)
+    t2i = "t2i_r1_ties_split" if split else "t2i_r1"
     lines = ["# Box positions on SynthScenes twins: CCCL against CCCL w/o POS and CASC-base", "",
              f"Test split of recipes/position_twins/_data.yaml (mirror-image twin scenes, each caption stating a "
              f"left/right relation), {epochs} epochs, {checkpoint} checkpoint ("
@@ -189,6 +206,9 @@ def to_markdown(table: list[dict], seeds: list[int], epochs: int, checkpoint: st
              "cannot tell twins apart: its T→I R@1 is capped near 50. `python -m zoo.experiments.twins` wrote this.",
              "Twin accuracy: the share of test captions that score their own image above its mirror twin (50 = the "
              "boxes are not used); ± one standard error, clustered by twin pair.",
+             *(["T→I R@1 with ties broken at random (in expectation): on same-region twins a model that reads no "
+                "boxes scores a caption's image and its twin alike, which the zoo's pessimistic ranks would count as "
+                "a miss every time."] if split else []),
              *([f"Twin test: the twin accuracy on a separate {', '.join(map(str, big))}-scene twin test split "
                 "(`--twin-test`; the same world, train and dev data), each caption scored against its own image "
                 "and its twin only."] if big else []),
@@ -209,7 +229,7 @@ def to_markdown(table: list[dict], seeds: list[int], epochs: int, checkpoint: st
                 se = r.get(se_key) if se_key else None
                 out.append("—" if v is None else f"{v:.1f}" + (f" ± {se:.1f}" if se is not None else ""))
             return out + [mean]
-        got = cells("t2i_r1") + cells("twin_accuracy", "twin_accuracy_se")
+        got = cells(t2i) + cells("twin_accuracy", "twin_accuracy_se")
         if big:
             got += cells("twin_test_accuracy", "twin_test_se")
         lines.append(f"| {label} | " + " | ".join(got + cells("rsum")) + " |")
