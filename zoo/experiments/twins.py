@@ -1,7 +1,8 @@
 """`make twins`: do box position features do anything? CCCL, CCCL w/o POS and CASC-base on SynthScenes twins.
 
-    python -m zoo.experiments.twins                     # seeds 0 and 1 -> zoo/reports/position_twins/report.{md,csv}
-    python -m zoo.experiments.twins --seeds 0 1 2 --runs runs/position_twins --logger csv
+    make twins     # = python -m zoo.experiments.twins --seeds 0 1 2 --epochs 8 --checkpoint last --twin-test 2000 \
+                   #     --runs runs/position_twins --out zoo/reports/position_twins
+    python -m zoo.experiments.twins --seeds 0 --epochs 24 --rows cccl,cccl_wo_position --runs runs/twins24
 
 On the default SynthScenes the "w/o POS" row of CCCL's Table 6 moves within the noise between seeds: its captions
 rarely depend on where things are. Twin scenes (datamodules.synthscenes, `twins: true`) pair every scene with its
@@ -208,7 +209,7 @@ def to_markdown(table: list[dict], seeds: list[int], epochs: int, checkpoint: st
              "boxes are not used); ± one standard error, clustered by twin pair.",
              *(["T→I R@1 with ties broken at random (in expectation): on same-region twins a model that reads no "
                 "boxes scores a caption's image and its twin alike, which the zoo's pessimistic ranks would count as "
-                "a miss every time."] if split else []),
+                "a miss every time (rsum keeps the zoo's ranks, so it is lower for such models)."] if split else []),
              *([f"Twin test: the twin accuracy on a separate {', '.join(map(str, big))}-scene twin test split "
                 "(`--twin-test`; the same world, train and dev data), each caption scored against its own image "
                 "and its twin only."] if big else []),
