@@ -57,8 +57,8 @@ def build_datamodule(configs: list[str], overrides: list[str]):
 
 
 @torch.no_grad()
-def similarity_matrix(model: RetrievalModule, loader, n_images: int, caps_per_image: int = 5) -> torch.Tensor:
-    """[I, C] similarities of a split, encoded once and scored block by block (as in validation/test)."""
+def encode_split(model: RetrievalModule, loader, n_images: int, caps_per_image: int = 5):
+    """(image, caption) embeddings of a split, each in id order, encoded once (as in validation/test)."""
     img_chunks, cap_chunks, image_ids, caption_ids = [], [], [], []
     for batch in loader:
         img_chunks.append(model.encode_images(batch))
@@ -67,6 +67,13 @@ def similarity_matrix(model: RetrievalModule, loader, n_images: int, caps_per_im
         caption_ids.append(batch["caption_ids"])
     img = gather_and_order(cat_embeddings(img_chunks), torch.cat(image_ids), n_images, "images")
     cap = gather_and_order(cat_embeddings(cap_chunks), torch.cat(caption_ids), n_images * caps_per_image, "captions")
+    return img, cap
+
+
+@torch.no_grad()
+def similarity_matrix(model: RetrievalModule, loader, n_images: int, caps_per_image: int = 5) -> torch.Tensor:
+    """[I, C] similarities of a split, encoded once and scored block by block (as in validation/test)."""
+    img, cap = encode_split(model, loader, n_images, caps_per_image)
     return score_blockwise(model.score, img, cap, model.eval_image_block, model.eval_caption_block)
 
 

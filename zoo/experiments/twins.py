@@ -87,19 +87,12 @@ def twin_pair_scores(model, loader, n_images: int, caps_per_image: int = 5, pair
     instead of I. Scores are per pair (no scorer of the zoo normalises across a block), so they equal the matrix's
     entries (tested)."""
     import torch
-    from ..engine.evaluation import cat_embeddings, gather_and_order, trim_padding
+    from ..engine.evaluation import trim_padding
+    from .ensemble import encode_split
     if n_images % 2:
         raise ValueError(f"twin accuracy needs pairs of images, got {n_images}")
-    img_chunks, cap_chunks, image_ids, caption_ids = [], [], [], []
     with torch.no_grad():
-        for batch in loader:
-            img_chunks.append(model.encode_images(batch))
-            cap_chunks.append(model.encode_captions(batch))
-            image_ids.append(batch["image_ids"])
-            caption_ids.append(batch["caption_ids"])
-        img = gather_and_order(cat_embeddings(img_chunks), torch.cat(image_ids), n_images, "images")
-        cap = gather_and_order(cat_embeddings(cap_chunks), torch.cat(caption_ids), n_images * caps_per_image,
-                               "captions")
+        img, cap = encode_split(model, loader, n_images, caps_per_image)
         own, twin = [], []
         for a in range(0, n_images, 2 * pairs_per_block):
             b = min(n_images, a + 2 * pairs_per_block)
