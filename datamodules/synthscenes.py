@@ -126,6 +126,11 @@ def _sample_twin_scene(rng: np.random.Generator, cfg: SynthScenesConfig) -> dict
             return scene
 
 
+def _mirror_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Normalised (x1, y1, x2, y2) boxes [R, 4] reflected left-right: x -> 1 - x."""
+    return np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+
+
 def _mirror(scene: dict) -> dict:
     """The scene reflected left-right: x -> 1 - x for every box (relations left <-> right)."""
     groups = [{**g, "boxes": [[1 - x2, y1, 1 - x1, y2] for x1, y1, x2, y2 in g["boxes"]]} for g in scene["groups"]]
@@ -241,14 +246,12 @@ def generate_split(root: Path, split: str, n_images: int, cfg: SynthScenesConfig
             elif cfg.twin_regions == "same":  # the mirror image of scene i - 1: its very regions, boxes mirrored
                 scene = _mirror(scenes[-1])
                 mix = twin_mix
-                boxes[i] = np.stack([1 - twin_boxes[:, 2], twin_boxes[:, 1], 1 - twin_boxes[:, 0],
-                                     twin_boxes[:, 3]], axis=1)
+                boxes[i] = _mirror_boxes(twin_boxes)
             else:  # the mirror image of scene i - 1: the same detections, mirrored boxes, another region order
                 scene = _mirror(scenes[-1])
                 perm = rng.permutation(cfg.num_regions)
                 mix = twin_mix[perm]
-                boxes[i] = np.stack([1 - twin_boxes[:, 2], twin_boxes[:, 1], 1 - twin_boxes[:, 0],
-                                     twin_boxes[:, 3]], axis=1)[perm]
+                boxes[i] = _mirror_boxes(twin_boxes)[perm]
             mixes.append(mix)
             captions += [_caption(scene, rng, left_right=cfg.twins) for _ in range(cfg.caps_per_image)]
             scenes.append(scene)

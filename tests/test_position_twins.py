@@ -89,7 +89,7 @@ def test_twin_accuracy_counts_own_image_above_its_twin_and_ties_as_half():
     sims[2, 2] = sims[3, 2] = 0.5      # caption 2: a tie
     sims[3, 3], sims[2, 3] = 0.7, 0.6  # caption 3: own image 3 above twin 2; images of other pairs do not count
     sims[0, 3] = 5.0
-    assert twins.twin_accuracy(sims, caps_per_image=1) == 100 * (1 + 0 + 0.5 + 1) / 4
+    assert twins.twin_stats(*twins.own_and_twin(sims, 1), caps_per_image=1)[0] == 100 * (1 + 0 + 0.5 + 1) / 4
 
 
 def test_unknown_row_is_an_error(capsys):

@@ -32,7 +32,7 @@ from .rows import ROW_FILE, Row, parse_label
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {"cccl": "cccl", "cccl_wo_position": "cccl", "casc_base": "casc_base"}  # row -> method (its recipe)
 METRICS = ("t2i_r1", "t2i_r1_ties_split", "i2t_r1", "rsum", "twin_accuracy", "twin_accuracy_se", "twin_test_accuracy",
-           "twin_test_se")
+           "twin_test_se", "twin_test_scenes")
 
 
 def twin_stats(s_own, s_twin, caps_per_image: int = 5) -> tuple[float, float]:
@@ -61,11 +61,6 @@ def own_and_twin(sims, caps_per_image: int = 5):
     own = torch.arange(sims.shape[1]) // caps_per_image
     cols = torch.arange(sims.shape[1])
     return sims[own, cols], sims[own ^ 1, cols]
-
-
-def twin_accuracy(sims, caps_per_image: int = 5) -> float:
-    """% of captions that score their own image above its mirror twin (images 2k, 2k + 1): 50 = boxes unused."""
-    return twin_stats(*own_and_twin(sims, caps_per_image), caps_per_image)[0]
 
 
 def t2i_recall_ties_split(sims, caps_per_image: int = 5, k: int = 1) -> float:
@@ -184,8 +179,7 @@ def collect(all_rows: list[Row], seeds: list[int], runs: Path, measure=None) -> 
             m = dict((res or {}).get("metrics", {}).get("test", {}))
             if res is not None and measure is not None:
                 m.update(measure(row, seed, f.parent) or {})
-            table.append({"row": row.name, "label": row.label, "seed": seed,
-                          **{k: m.get(k) for k in (*METRICS, "twin_test_scenes")}})
+            table.append({"row": row.name, "label": row.label, "seed": seed, **{k: m.get(k) for k in METRICS}})
     return table
 
 
@@ -285,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(to_markdown(table, args.seeds, args.epochs, args.checkpoint))
     with open(out / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["row", "label", "seed", *METRICS, "twin_test_scenes"])
+        w = csv.DictWriter(f, fieldnames=["row", "label", "seed", *METRICS])
         w.writeheader()
         w.writerows(table)
     print(f"[twins] report: {out / 'report.md'}\n" + (out / "report.md").read_text())
