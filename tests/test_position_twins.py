@@ -200,3 +200,8 @@ def test_t2i_recall_with_ties_split_is_the_mean_over_random_tie_breaks():
         assert abs(twins.t2i_recall_ties_split(sims, 2, k) - mc_k) < 1.5
     untied = torch.rand(6, 12, generator=g)
     assert twins.t2i_recall_ties_split(untied, 2) == retrieval_metrics(untied, 2)["t2i_r1"]
+
+
+def test_odd_twin_test_size_is_an_error(capsys):
+    assert twins.main(["--twin-test", "2001"]) == 2
+    assert "--twin-test 2001: give an even number of scenes" in capsys.readouterr().err
