@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from zoo.blocks.coherence import coherence_loss, hybrid_loss
-from zoo.blocks.cpc import BoxPositionEmbedding, ContextPerceivedCell, box_position_tuple
+from zoo.blocks.cpc import BoxPositionEmbedding, ContextPerceivedCell, VisualContextEmbedding, box_position_tuple
 from zoo.blocks.graph import (ContextGRU, ResidualGCN, dependency_edges, full_edges, gru_input_projection,
                               pair_gru_last_state, slow_pair_gru_last_state)
 from zoo.blocks.losses import triplet_ranking_loss
@@ -117,6 +117,25 @@ def test_position_tuple_and_embedding():
     assert torch.allclose(out[0, 0], expect)
     with pytest.raises(ValueError, match="unknown position tuple"):
         BoxPositionEmbedding(5, "xyxy")
+
+
+def test_position_fusion_product_as_printed_and_sum():
+    """Eq. (10)'s Q^ o S^ (position_fusion='product') and the additive reading Q^ + (S^ - 1/2) ('sum'), each against
+    the FC and sigmoid of Eqs. (8)-(9) written out; mirrored boxes change the CPC input either way."""
+    feats = torch.rand(2, 3, 7)
+    boxes = torch.rand(2, 3, 2) * 0.5
+    boxes = torch.cat([boxes, boxes + 0.4], -1)  # x1 < x2, y1 < y2
+    mirrored = torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1)
+    for fusion in ("product", "sum"):
+        torch.manual_seed(1)
+        emb = VisualContextEmbedding(7, 5, use_cpc=False, position_fusion=fusion)
+        q = feats @ emb.fc.weight.T + emb.fc.bias  # Eq. (8)
+        s = 1 / (1 + torch.exp(-(box_position_tuple(boxes) @ emb.position.fc.weight.T + emb.position.fc.bias)))
+        expect = q * s if fusion == "product" else q + s - 0.5
+        assert torch.allclose(emb(feats, boxes), expect)
+        assert not torch.allclose(emb(feats, boxes), emb(feats, mirrored))
+    with pytest.raises(ValueError, match="unknown position_fusion"):
+        VisualContextEmbedding(7, 5, position_fusion="concat")
 
 
 def test_vsf_matches_equation_and_pairwise_equals_paired():

@@ -26,11 +26,15 @@ def test_rows_name_their_methods_and_layer_the_twin_data():
 def test_runner_commands_carry_the_data_epochs_and_seed(tmp_path):
     import argparse
     row = twins.rows(ROOT / "recipes")[0]
-    args = argparse.Namespace(recipes=ROOT / "recipes", epochs=4, extra=[], runs=tmp_path)
+    args = argparse.Namespace(recipes=ROOT / "recipes", epochs=4, extra=[], runs=tmp_path, lr_decay_epochs=None)
     cmd = twins.runner(row, 1, args, False, {}).commands(row, "fit", None)
     assert cmd[cmd.index("--seed_everything") + 1] == "1" and cmd[cmd.index("--trainer.max_epochs") + 1] == "4"
     assert str(ROOT / "recipes" / "position_twins" / "_data.yaml") in cmd
     assert str(tmp_path / "seed1" / "cccl_synth" / "position_twins" / "cccl") in cmd
+    assert "--model.init_args.lr_decay_epochs" not in cmd  # the recipes' own schedule unless asked
+    args.lr_decay_epochs = 6
+    cmd = twins.runner(row, 1, args, False, {}).commands(row, "fit", None)
+    assert cmd[cmd.index("--model.init_args.lr_decay_epochs") + 1] == "6"
 
 
 def test_report_from_finished_results(tmp_path):
@@ -205,3 +209,8 @@ def test_t2i_recall_with_ties_split_is_the_mean_over_random_tie_breaks():
 def test_odd_twin_test_size_is_an_error(capsys):
     assert twins.main(["--twin-test", "2001"]) == 2
     assert "--twin-test 2001: give an even number of scenes" in capsys.readouterr().err
+
+
+def test_lr_decay_epochs_below_one_is_an_error(capsys):
+    assert twins.main(["--lr-decay-epochs", "0"]) == 2
+    assert "--lr-decay-epochs 0: give a number of epochs, at least 1" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from torch import nn
 POSITION_TUPLES = ("corners_area_aspect", "corners_size")
 RESIDUAL_GAINS = ("learned", "one")
 FC_INITS = ("xavier", "default")
+POSITION_FUSIONS = ("product", "sum")
 
 
 def xavier_zero_(fc: nn.Linear) -> None:
@@ -121,8 +122,12 @@ class VisualContextEmbedding(nn.Module):
     """
 
     def __init__(self, feature_dim: int, dim: int, use_position: bool = True, use_cpc: bool = True,
-                 position_tuple: str = "corners_area_aspect", *, cpc_gain: str = "learned"):
+                 position_tuple: str = "corners_area_aspect", *, cpc_gain: str = "learned",
+                 position_fusion: str = "product"):
         super().__init__()
+        if position_fusion not in POSITION_FUSIONS:
+            raise ValueError(f"unknown position_fusion {position_fusion!r}: use one of {POSITION_FUSIONS}")
+        self.position_fusion = position_fusion
         self.fc = nn.Linear(feature_dim, dim)  # Eq. (8)
         xavier_zero_(self.fc)
         self.position = BoxPositionEmbedding(dim, position_tuple) if use_position else None  # Eq. (9)
@@ -135,7 +140,10 @@ class VisualContextEmbedding(nn.Module):
             if boxes is None:
                 raise ValueError("the visual embedding uses box position features (CCCL Eq. 9) but no boxes were "
                                  "given: serve them (data.with_boxes: true) or set model.use_box_position: false")
-            x = x * self.position(boxes)
+            s_hat = self.position(boxes)
+            # 'product': Q^ o S^ of Eq. (10) as printed; 'sum': Q^ + (S^ - 1/2), the position code added to the
+            # region (centred so that every region does not gain the same +1/2 vector)
+            x = x * s_hat if self.position_fusion == "product" else x + (s_hat - 0.5)
         return x
 
     def forward(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:

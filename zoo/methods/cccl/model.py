@@ -41,7 +41,7 @@ class CCCLNet(nn.Module):
                  use_avg_pool: bool = True, use_max_pool: bool = True, use_dependency_graph: bool = True,
                  use_context_gru: bool = True, gcn_layers: int = 1, edge_norm: str = "softmax", scorer: str = "mlp",
                  attention_smooth: float = 9.0, pair_budget: int = 2 ** 26, cpc_gain: str = "learned",
-                 text_fc_init: str = "xavier", bigru_l2: bool = True):
+                 text_fc_init: str = "xavier", bigru_l2: bool = True, position_fusion: str = "product"):
         super().__init__()
         if sim_dim < 1:
             raise ValueError(f"sim_dim (P, the VSF width) must be at least 1, got {sim_dim}")
@@ -68,7 +68,7 @@ class CCCLNet(nn.Module):
         self.attention_smooth, self.pair_budget = attention_smooth, pair_budget
         self.bigru_l2 = bigru_l2
         self.visual = VisualContextEmbedding(feature_dim, d, use_box_position, use_visual_cpc, position_tuple,
-                                             cpc_gain=cpc_gain)
+                                             cpc_gain=cpc_gain, position_fusion=position_fusion)
         self.bert: BertWordEncoder | None = None
         self.bigru: BiGRUTextEncoder | None = None
         if text_encoder == "bert":

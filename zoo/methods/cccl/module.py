@@ -49,6 +49,8 @@ class CCCL(RetrievalModule):
             own learning rate 2e-5 (the usual choice for this family). False freezes it.
         subword_pooling: 'mean' (default) or 'first' sub-word of each word.
         use_box_position / position_tuple: CCCL Eq. (9) and our completion of its six-tuple (blocks.cpc).
+        position_fusion: 'product' (default), Eq. (10)'s Q^ o S^ as printed, or 'sum', Q^ + (S^ - 1/2) (an additive
+            reading; on twin scenes it reads the boxes less: README, Box positions on twin scenes).
         attention_smooth: inverse temperature of Eq. (17)'s softmax (unvalued in the paper, 9 as SCAN/CASC);
             not the loss weight.
         gcn_layers / edge_norm: Eq. (24)'s residual GCN layers and the affinity normalisation (blocks.graph).
@@ -77,7 +79,7 @@ class CCCL(RetrievalModule):
                  edge_norm: str = "softmax", scorer: str = "mlp", attention_smooth: float = 9.0,
                  coherence_weight: float = 0.5, coherence_reduction: str = "mean", eval_pair_budget: int = 2 ** 26,
                  cpc_gain: str = "learned", text_fc_init: str = "xavier", bigru_l2: bool = True,
-                 margin_per_branch: bool = True, **loop_kwargs):
+                 margin_per_branch: bool = True, position_fusion: str = "product", **loop_kwargs):
         loop_kwargs.setdefault("lr", 2e-4)
         loop_kwargs.setdefault("lr_decay_epochs", 15)
         loop_kwargs.setdefault("sum_negatives_epochs", 1)  # warm-up: sum over negatives for epoch 1, Eq. (33) after
@@ -94,7 +96,7 @@ class CCCL(RetrievalModule):
             use_avg_pool=use_avg_pool, use_max_pool=use_max_pool, use_dependency_graph=use_dependency_graph,
             use_context_gru=use_context_gru, gcn_layers=gcn_layers, edge_norm=edge_norm, scorer=scorer,
             attention_smooth=attention_smooth, pair_budget=eval_pair_budget, cpc_gain=cpc_gain,
-            text_fc_init=text_fc_init, bigru_l2=bigru_l2)
+            text_fc_init=text_fc_init, bigru_l2=bigru_l2, position_fusion=position_fusion)
 
     tokenizer_digest: str | None = None  # the training data's sub-word tokenizer (BERT only), kept in checkpoints
     tokenizer_source: str | None = None
