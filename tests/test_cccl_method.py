@@ -391,7 +391,8 @@ def test_checkpoint_refuses_another_subword_tokenizer(data_root, tmp_path):
 @pytest.mark.parametrize("kw, match", [({"sim_dim": 0}, "sim_dim"), ({"coherence_weight": -0.5}, "coherence_weight"),
                                        ({"attention_smooth": -1.0}, "attention_smooth"),
                                        ({"scorer": "linear", "use_vsf": False}, "use_vsf"),
-                                       ({"position_fusion": "concat"}, "position_fusion")])
+                                       ({"position_fusion": "concat"}, "position_fusion"),
+                                       ({"position_fusion": "sum", "use_box_position": False}, "use_box_position")])
 def test_confusing_arguments_are_clear_errors(kw, match):
     """Issue 19 "Confusing": sim_dim 0 trained to rsum 0, a negative lambda / smoothing ran, scorer linear was
     silently ignored without the VSF."""

@@ -51,6 +51,9 @@ class CCCLNet(nn.Module):
         if scorer == "linear" and not use_vsf:
             raise ValueError("scorer: linear (w/o MLP) has nothing to score with use_vsf: false (the cosine is the "
                              "branch score): drop one of the two switches")
+        if position_fusion != "product" and not use_box_position:
+            raise ValueError(f"position_fusion: {position_fusion} fuses box positions, but use_box_position is false "
+                             "(w/o POS): drop one of the two switches")
         if text_encoder not in ("bert", "bigru"):
             raise ValueError(f"text_encoder must be 'bert' or 'bigru', got {text_encoder!r}")
         if scorer not in ("mlp", "linear"):
