@@ -258,6 +258,27 @@ def test_fit_validate_and_checkpoint_round_trip(data_root, tmp_path):
         assert torch.allclose(model.score(img, cap), again.score(img2, cap2), atol=1e-6)
 
 
+def test_bigru_parameter_order_is_the_same_built_from_data_or_from_hparams(data_root, tmp_path):
+    """A fresh fit sizes the BiGRU from the data; a resumed fit (`lightning fit --ckpt_path`, whose CLI applies the
+    checkpoint's hparams, vocab_size included) builds it in __init__. The optimizer state is stored by parameter
+    position, so both must give one order: a resume used to fail in Adam (a shape mismatch) or, with equal shapes,
+    would have given the moments to the wrong tensors."""
+    import lightning as L
+
+    dm = _dm(data_root)
+    model = CCCL(text_encoder="bigru", **TINY)
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path, num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=1)
+    trainer = L.Trainer(max_epochs=1, **kw)
+    trainer.fit(model, dm)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = CCCL(text_encoder="bigru", vocab_size=model.hparams.vocab_size, **TINY)
+    assert [n for n, _ in resumed.named_parameters()] == [n for n, _ in model.named_parameters()]
+    L.Trainer(max_epochs=2, **kw).fit(resumed, dm, ckpt_path=str(ckpt))
+    assert resumed.current_epoch == 2
+
+
 def test_paper_figures_name_the_rows():
     import csv
 

@@ -79,8 +79,6 @@ class CCCLNet(nn.Module):
             word_width = self.bert.width
         else:
             word_width = d  # the BiGRU's width (d_E); built once the vocabulary size is known
-            if vocab_size is not None:
-                self.build_bigru(vocab_size)
         self.text = TextContextEmbedding(word_width, d, use_text_cpc, cpc_gain=cpc_gain, fc_init=text_fc_init)
         pooling = "max+mean" if use_avg_pool and use_max_pool else ("max" if use_max_pool else "mean")
         rel = "relational" in self.branches
@@ -99,6 +97,11 @@ class CCCLNet(nn.Module):
             self.gru = ContextGRU(d)  # Eq. (26)
             self.sims["relational"] = VectorSimilarity(d, sim_dim, use_vsf)  # Eq. (27)
         self.scorer = SimilarityScorer(sim_dim, self.branches, scorer if use_vsf else "identity")  # Eq. (28)
+        if text_encoder == "bigru" and vocab_size is not None:
+            # last, where configure_from_data appends it when the size comes from the data: the parameters keep
+            # one order either way, so a fit resumed from a checkpoint (whose hparams carry vocab_size) gets its
+            # optimizer state back parameter by parameter (built in place, Adam's moments met the wrong tensors)
+            self.build_bigru(vocab_size)
 
     def build_bigru(self, vocab_size: int) -> None:
         """"w/o BERT": CASC's BiGRU word encoder (300-d embeddings, two directions averaged), width d, l2-normalised
