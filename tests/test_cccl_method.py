@@ -216,6 +216,10 @@ def test_cccl_with_offline_bert_trains_a_step(data_root, finetune):
     batch = next(iter(dm.train_dataloader()))
     opt = model.configure_optimizers()["optimizer"]
     assert [g["lr"] for g in opt.param_groups] == ([model.lr, 1e-5] if finetune else [model.lr])
+    # as built: Lightning keeps each submodule's mode (it does not call .train() at fit start), and from_pretrained
+    # returns eval mode, so a fine-tuned backbone must be switched to train mode here or it trains without dropout
+    modes = {m.training for m in model.net.bert.backbone.modules()}
+    assert modes == {finetune}
     model.train()
     assert model.net.bert.backbone.training == finetune  # a frozen BERT stays in eval mode (no dropout)
     loss = sum(model.training_losses(batch, model.encode_images(batch), model.encode_captions(batch)).values())

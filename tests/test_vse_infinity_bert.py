@@ -203,11 +203,12 @@ def test_bert_recipe_trains_with_the_subword_augmentation_on_the_offline_model(d
         *data_args, "--model.init_args.feature_dim", "8", "--model.init_args.embed_dim", "16",
         "--model.init_args.eval_image_block", "4",
         "--model.init_args.eval_caption_block", "20", "--model.init_args.subword_augment", "0.5"])
-    seen, real = [], vse.augment_subwords
+    seen, modes, real = [], [], vse.augment_subwords
 
     def spy(*a, **k):
         out = real(*a, **k)
         seen.append(bool((out[0] == a[4]).any()))  # a[4]: the mask id
+        modes.append({m.training for m in cli.model.bert.modules()})  # BERT's dropout is on in training
         return out
 
     monkeypatch.setattr(vse, "augment_subwords", spy)
@@ -216,6 +217,7 @@ def test_bert_recipe_trains_with_the_subword_augmentation_on_the_offline_model(d
                         num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(cli.model, cli.datamodule)
     assert len(seen) == 2 and any(seen)
+    assert modes == [{True}, {True}]  # from_pretrained returns eval mode and Lightning keeps it unless the model sets it
     assert cli.model.subword_mask_id == cli.datamodule.subword_tokenizer_obj.mask_token_id
     trainer.test(cli.model, cli.datamodule, verbose=False)
     assert cli.model.last_metrics["all"]["rsum"] >= 0

@@ -58,9 +58,11 @@ class BertWordEncoder(nn.Module):
         self.pooling = pooling
         if pooling not in SUBWORD_POOLING:
             raise ValueError(f"unknown sub-word pooling {pooling!r}: use one of {SUBWORD_POOLING}")
+        # from_pretrained returns the model in eval mode, and Lightning keeps every submodule's mode as it finds it
+        # (it does not call .train() at fit start): a fine-tuned backbone would train without its dropout
+        self.backbone.train(finetune)
         if not finetune:
             self.backbone.requires_grad_(False)
-            self.backbone.eval()
 
     def train(self, mode: bool = True):
         super().train(mode)

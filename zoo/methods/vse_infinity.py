@@ -273,6 +273,9 @@ class VSEInfinityBert(VSEInfinity):
             except Exception as e:  # noqa: BLE001
                 raise ValueError(f"cannot load the BERT model {bert!r} ({type(e).__name__}: {e}); give a local "
                                  "folder with a transformers model, or import an official checkpoint") from None
+        # from_pretrained returns eval mode and Lightning keeps submodule modes: without this BERT fine-tunes with its
+        # dropout off, where the official loop switches both encoders to train mode (lib/vse.py, VSEModel.train_start)
+        self.bert.train()
         self.text_linear = torch.nn.Linear(self.bert.config.hidden_size, embed_dim)
 
     @property
