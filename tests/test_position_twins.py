@@ -26,7 +26,8 @@ def test_rows_name_their_methods_and_layer_the_twin_data():
 def test_runner_commands_carry_the_data_epochs_and_seed(tmp_path):
     import argparse
     row = twins.rows(ROOT / "recipes")[0]
-    args = argparse.Namespace(recipes=ROOT / "recipes", epochs=4, extra=[], runs=tmp_path, lr_decay_epochs=None)
+    args = argparse.Namespace(recipes=ROOT / "recipes", epochs=4, extra=[], runs=tmp_path, lr_decay_epochs=None,
+                              lr_decay=twins.TWIN_LR_DECAY)
     cmd = twins.runner(row, 1, args, False, {}).commands(row, "fit", None)
     assert cmd[cmd.index("--seed_everything") + 1] == "1" and cmd[cmd.index("--trainer.max_epochs") + 1] == "4"
     assert str(ROOT / "recipes" / "position_twins" / "_data.yaml") in cmd
@@ -35,6 +36,9 @@ def test_runner_commands_carry_the_data_epochs_and_seed(tmp_path):
     args.lr_decay_epochs = 6
     cmd = twins.runner(row, 1, args, False, {}).commands(row, "fit", None)
     assert cmd[cmd.index("--model.init_args.lr_decay_epochs") + 1] == "6"
+    # every row gets the twins' decay factor (halving, not the recipes' 0.1), after the recipes so that it wins
+    assert cmd[cmd.index("--model.init_args.lr_decay") + 1] == "0.5" == str(twins.TWIN_LR_DECAY)
+    assert cmd.index("--model.init_args.lr_decay") > max(i for i, a in enumerate(cmd) if a == "--config")
 
 
 def test_report_from_finished_results(tmp_path):
@@ -214,3 +218,14 @@ def test_odd_twin_test_size_is_an_error(capsys):
 def test_lr_decay_epochs_below_one_is_an_error(capsys):
     assert twins.main(["--lr-decay-epochs", "0"]) == 2
     assert "--lr-decay-epochs 0: give a number of epochs, at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("factor", ["0", "1.5", "-0.5"])
+def test_lr_decay_outside_zero_one_is_an_error(capsys, factor):
+    assert twins.main(["--lr-decay", factor]) == 2
+    assert f"--lr-decay {float(factor)}: give a factor in (0, 1]" in capsys.readouterr().err
+
+
+def test_report_names_the_schedule(tmp_path):
+    md = twins.to_markdown([], [0], 8, "last", "Schedule: every row's lr is multiplied by 0.5 every 3 epochs.")
+    assert "Schedule: every row's lr is multiplied by 0.5" in md
