@@ -361,6 +361,11 @@ class SynthScenesDataModule(_datamodule_base()):
                                               twins=twins, twin_regions=twin_regions)
         self.twin_batches = twin_batches
 
+    @property
+    def twins(self) -> bool:
+        """Images 2k and 2k + 1 are mirror twins (evaluation then also logs the twin accuracy)."""
+        return self.synth_config.twins
+
     def train_sampler(self, n: int, seed: int):
         if not self.twin_batches:
             return super().train_sampler(n, seed)

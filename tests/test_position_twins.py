@@ -229,3 +229,26 @@ def test_lr_decay_outside_zero_one_is_an_error(capsys, factor):
 def test_report_names_the_schedule(tmp_path):
     md = twins.to_markdown([], [0], 8, "last", "Schedule: every row's lr is multiplied by 0.5 every 3 epochs.")
     assert "Schedule: every row's lr is multiplied by 0.5" in md
+
+
+def test_evaluation_logs_the_twin_accuracy_on_twin_data_only(tmp_path, monkeypatch, one_thread):
+    """A test (or validation) run on twin scenes logs the twin accuracy and the tie-split T->I R@1, equal to
+    twins.twin_stats on the model's own matrix; on other data neither appears."""
+    import lightning as L
+
+    from conftest import fit_and_test_tiny
+    from zoo.experiments.ensemble import similarity_matrix
+    monkeypatch.chdir(tmp_path)
+    cli, _, _ = _tiny_twin_row(tmp_path)
+    model, dm = cli.model, cli.datamodule
+    assert dm.twins
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(model, dm, verbose=False)
+    got = model.last_metrics["all"]
+    sims = similarity_matrix(model.eval(), dm.test_dataloader(), dm.num_eval_images("test"), dm.caps_per_image)
+    acc, se = twins.twin_stats(*twins.own_and_twin(sims, dm.caps_per_image), dm.caps_per_image)
+    assert (got["twin_accuracy"], got["twin_accuracy_se"]) == pytest.approx((acc, se))
+    assert got["t2i_r1_ties_split"] == pytest.approx(twins.t2i_recall_ties_split(sims, dm.caps_per_image))
+    assert trainer.callback_metrics["test/twin_accuracy"] == pytest.approx(acc)
+    plain = fit_and_test_tiny("casc_base_synth", tmp_path / "plain", train_batches=1)
+    assert "twin_accuracy" not in plain.last_metrics["all"] and "rsum" in plain.last_metrics["all"]

@@ -97,6 +97,52 @@ def all_metrics(sims: torch.Tensor, caps_per_image: int = 5, fold_size: int | No
     return out
 
 
+def twin_stats(s_own, s_twin, caps_per_image: int = 5) -> tuple[float, float]:
+    """(twin accuracy %, its standard error) from each caption's score with its own image and with that image's
+    twin, captions in image order (caption j describes image j // caps_per_image; images 2k, 2k + 1 are twins).
+
+    A tie counts one half. The standard error is clustered by twin pair: the 2 * caps_per_image captions of a pair
+    share their two images, so they are not independent draws (the binomial sqrt(p(1-p)/n) would understate it).
+    """
+    hit = (s_own > s_twin).double() + 0.5 * (s_own == s_twin).double()
+    per_pair = 2 * caps_per_image
+    if hit.numel() % per_pair:
+        raise ValueError(f"twin accuracy needs whole twin pairs: {hit.numel()} captions, {caps_per_image} per image")
+    pairs = hit.view(-1, per_pair).mean(1)
+    se = float(pairs.std(unbiased=True) / pairs.numel() ** 0.5) if pairs.numel() > 1 else float("nan")
+    return float(100 * hit.mean()), 100 * se
+
+
+def own_and_twin(sims, caps_per_image: int = 5):
+    """Each caption's score with its own image and with its twin, from an [I, C] matrix."""
+    n_img = sims.shape[0]
+    if n_img % 2:
+        raise ValueError(f"twin accuracy needs pairs of images, got {n_img}")
+    cols = torch.arange(sims.shape[1], device=sims.device)
+    own = cols // caps_per_image
+    return sims[own, cols], sims[own ^ 1, cols]
+
+
+def t2i_recall_ties_split(sims, caps_per_image: int = 5, k: int = 1) -> float:
+    """T->I R@k (%) with ties broken at random, in expectation: a caption whose image ties with t others and is
+    beaten by b counts min(1, max(0, k - b) / (t + 1)). On same-region twins (twin_regions: same) a model that reads
+    no boxes gives a caption's image and its twin the very same score; the zoo's metrics count ties against the model
+    (above), which puts its T->I R@1 at 0 where a coin flip between the twins would give about half of
+    its top-2 rate. Equal to the usual R@k when nothing ties."""
+    own, _ = own_and_twin(sims, caps_per_image)
+    above = (sims > own[None]).sum(0).double()
+    ties = (sims == own[None]).sum(0).double() - 1
+    return float(100 * ((k - above).clamp(min=0) / (ties + 1)).clamp(max=1).mean())
+
+
+def twin_metrics(sims: torch.Tensor, caps_per_image: int = 5) -> dict[str, float]:
+    """On twin scenes (images 2k and 2k + 1 mirror twins, SynthScenes `twins: true`): the twin accuracy (%), its
+    standard error clustered by pair, and T->I R@1 with ties split; what `make twins` reports, logged every
+    validation so that a run's curve shows when the boxes start to count."""
+    acc, se = twin_stats(*own_and_twin(sims, caps_per_image), caps_per_image)
+    return {"twin_accuracy": acc, "twin_accuracy_se": se, "t2i_r1_ties_split": t2i_recall_ties_split(sims, caps_per_image)}
+
+
 class RetrievalMetrics(Metric):
     """torchmetrics wrapper: accumulates rows of the similarity matrix (from any rank), computes at the end.
 
@@ -106,10 +152,12 @@ class RetrievalMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, caps_per_image: int = 5, fold_size: int | None = None, **kwargs):
+    def __init__(self, caps_per_image: int = 5, fold_size: int | None = None, twins: bool = False, **kwargs):
+        """twins: the images come in mirror-twin pairs (2k, 2k + 1): 'all' gains twin_metrics."""
         super().__init__(**kwargs)
         self.caps_per_image = caps_per_image
         self.fold_size = fold_size
+        self.twins = twins
         self.add_state("rows", default=[], dist_reduce_fx="cat")
         self.add_state("image_ids", default=[], dist_reduce_fx="cat")
 
@@ -128,4 +176,7 @@ class RetrievalMetrics(Metric):
         if not seen.all():
             missing = (~seen).nonzero().flatten()[:5].tolist()
             raise RuntimeError(f"evaluation is missing rows for {int((~seen).sum())} images (e.g. {missing})")
-        return all_metrics(sims, self.caps_per_image, self.fold_size)
+        out = all_metrics(sims, self.caps_per_image, self.fold_size)
+        if self.twins:
+            out["all"].update(twin_metrics(sims, self.caps_per_image))
+        return out

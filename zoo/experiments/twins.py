@@ -28,6 +28,8 @@ from pathlib import Path
 from .ablate import Ablation, split_extra, wandb_setup
 from .report import read_result
 from .rows import ROW_FILE, Row, parse_label
+# the twin metrics live with the other retrieval metrics (validation logs them on twin data); re-exported here
+from ..engine.metrics import own_and_twin, t2i_recall_ties_split, twin_stats  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 # every row's lr is multiplied by this every lr_decay_epochs (the recipes' 3). The recipes' own 0.1 leaves CCCL 3
@@ -37,47 +39,6 @@ TWIN_LR_DECAY = 0.5
 ROWS = {"cccl": "cccl", "cccl_wo_position": "cccl", "casc_base": "casc_base"}  # row -> method (its recipe)
 METRICS = ("t2i_r1", "t2i_r1_ties_split", "i2t_r1", "rsum", "twin_accuracy", "twin_accuracy_se", "twin_test_accuracy",
            "twin_test_se", "twin_test_scenes")
-
-
-def twin_stats(s_own, s_twin, caps_per_image: int = 5) -> tuple[float, float]:
-    """(twin accuracy %, its standard error) from each caption's score with its own image and with that image's
-    twin, captions in image order (caption j describes image j // caps_per_image; images 2k, 2k + 1 are twins).
-
-    A tie counts one half. The standard error is clustered by twin pair: the 2 * caps_per_image captions of a pair
-    share their two images, so they are not independent draws (the binomial sqrt(p(1-p)/n) would understate it).
-    """
-    import torch
-    hit = (s_own > s_twin).double() + 0.5 * (s_own == s_twin).double()
-    per_pair = 2 * caps_per_image
-    if hit.numel() % per_pair:
-        raise ValueError(f"twin accuracy needs whole twin pairs: {hit.numel()} captions, {caps_per_image} per image")
-    pairs = hit.view(-1, per_pair).mean(1)
-    se = float(pairs.std(unbiased=True) / pairs.numel() ** 0.5) if pairs.numel() > 1 else float("nan")
-    return float(100 * hit.mean()), 100 * se
-
-
-def own_and_twin(sims, caps_per_image: int = 5):
-    """Each caption's score with its own image and with its twin, from an [I, C] matrix."""
-    import torch
-    n_img = sims.shape[0]
-    if n_img % 2:
-        raise ValueError(f"twin accuracy needs pairs of images, got {n_img}")
-    own = torch.arange(sims.shape[1]) // caps_per_image
-    cols = torch.arange(sims.shape[1])
-    return sims[own, cols], sims[own ^ 1, cols]
-
-
-def t2i_recall_ties_split(sims, caps_per_image: int = 5, k: int = 1) -> float:
-    """T->I R@k (%) with ties broken at random, in expectation: a caption whose image ties with t others and is
-    beaten by b counts min(1, max(0, k - b) / (t + 1)). On same-region twins (twin_regions: same) a model that reads
-    no boxes gives a caption's image and its twin the very same score; the zoo's metrics count ties against the model
-    (zoo.engine.metrics), which puts its T->I R@1 at 0 where a coin flip between the twins would give about half of
-    its top-2 rate. Equal to the usual R@k when nothing ties."""
-    import torch
-    own, _ = own_and_twin(sims, caps_per_image)
-    above = (sims > own[None]).sum(0).double()
-    ties = (sims == own[None]).sum(0).double() - 1
-    return float(100 * ((k - above).clamp(min=0) / (ties + 1)).clamp(max=1).mean())
 
 
 def twin_pair_scores(model, loader, n_images: int, caps_per_image: int = 5, pairs_per_block: int = 8):
