@@ -64,8 +64,9 @@ report: $(STAMP)
 	$(BIN)/python -m zoo.experiments.report $(METHOD) $(DATA) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(TABLE),--tables $(TABLE))
 
 # Box positions on SynthScenes twins (README, CCCL): CCCL, CCCL w/o POS and CASC-base at SEEDS_TWINS, 8 epochs, the
-# last checkpoint, twin accuracy also on a 2,000-scene twin test split; resumable; writes
-# zoo/reports/position_twins/report.{md,csv}. About 55 min on the shared 2-core machine (three seeds in a row).
+# last checkpoint, every row's lr halved every 3 epochs (the runner's --lr-decay 0.5), twin accuracy also on a
+# 2,000-scene twin test split; resumable; writes zoo/reports/position_twins/report.{md,csv}. About 55 min on the
+# shared 2-core machine (three seeds in a row).
 SEEDS_TWINS ?= 0 1 2
 twins: $(STAMP)
 	$(BIN)/python -m zoo.experiments.twins --seeds $(SEEDS_TWINS) --epochs 8 --checkpoint last --twin-test 2000 \

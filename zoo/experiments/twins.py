@@ -2,7 +2,7 @@
 
     make twins     # = python -m zoo.experiments.twins --seeds 0 1 2 --epochs 8 --checkpoint last --twin-test 2000 \
                    #     --runs runs/position_twins --out zoo/reports/position_twins
-    python -m zoo.experiments.twins --seeds 0 --epochs 24 --rows cccl,cccl_wo_position --runs runs/twins24
+    python -m zoo.experiments.twins --seeds 0 --epochs 8 --lr-decay 0.1 --runs runs/twins_x0.1   # the recipes' decay
 
 On the default SynthScenes the "w/o POS" row of CCCL's Table 6 moves within the noise between seeds: its captions
 rarely depend on where things are. Twin scenes (datamodules.synthscenes, `twins: true`) pair every scene with its
@@ -13,7 +13,8 @@ their twin, so that the twin is an in-batch negative often enough for the positi
 
 The rows are recipes/position_twins/<NN>_<row>.yaml (first line `# <label> — <what>`, the method named in the
 table below), layered on the method's SynthScenes recipe, its ablation-size overlay (CCCL's), the shared
-recipes/position_twins/_data.yaml and `--trainer.max_epochs`. Each (row, seed) runs through the ablation runner
+recipes/position_twins/_data.yaml, `--trainer.max_epochs` and `--model.init_args.lr_decay` (TWIN_LR_DECAY: the lr
+is halved every 3 epochs; under the recipes' 0.1 CCCL never learns the boxes). Each (row, seed) runs through the ablation runner
 (zoo.experiments.ablate.Ablation): resumable, CSV (+ W&B) logged, results.json with its settings digest.
 """
 from __future__ import annotations
