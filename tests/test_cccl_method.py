@@ -440,6 +440,7 @@ def test_branch_share_tool_adds_up(data_root):
     with torch.no_grad():
         assert out["F"]["rsum"] == round(retrieval_metrics(model.score(img, cap), dm.caps_per_image)["rsum"], 1)
     assert set(out["cpc_alpha"]) == {"visual", "text"}
+    assert all("twin_accuracy" not in out[b] for b in [*model.net.branches, "F"])  # not twin data
 
 
 @pytest.mark.parametrize("kw, want", [

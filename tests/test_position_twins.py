@@ -252,3 +252,16 @@ def test_evaluation_logs_the_twin_accuracy_on_twin_data_only(tmp_path, monkeypat
     assert trainer.callback_metrics["test/twin_accuracy"] == pytest.approx(acc)
     plain = fit_and_test_tiny("casc_base_synth", tmp_path / "plain", train_batches=1)
     assert "twin_accuracy" not in plain.last_metrics["all"] and "rsum" in plain.last_metrics["all"]
+
+
+def test_branch_share_gives_each_branch_twin_accuracy_on_twin_data(tmp_path, monkeypatch, one_thread):
+    from zoo.experiments.ensemble import similarity_matrix
+    from zoo.tools.branch_share import branch_share
+    monkeypatch.chdir(tmp_path)
+    cli, _, _ = _tiny_twin_row(tmp_path)
+    model, dm = cli.model.eval(), cli.datamodule
+    out = branch_share(model, dm, "test")
+    sims = similarity_matrix(model, dm.test_dataloader(), dm.num_eval_images("test"), dm.caps_per_image)
+    acc, _ = twins.twin_stats(*twins.own_and_twin(sims, dm.caps_per_image), dm.caps_per_image)
+    assert out["F"]["twin_accuracy"] == pytest.approx(acc, abs=0.05)
+    assert all(0 <= out[b]["twin_accuracy"] <= 100 for b in model.net.branches)

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ..engine.evaluation import cat_embeddings
-from ..engine.metrics import retrieval_metrics
+from ..engine.metrics import retrieval_metrics, twin_metrics
 from ..methods.cccl import CCCL
 
 
@@ -55,8 +55,11 @@ def branch_share(model: CCCL, dm, split: str = "test") -> dict:
     total = sum(gaps.values())
     out = {b: {"rsum_alone": round(retrieval_metrics(s, k)["rsum"], 1), "gap": round(gaps[b], 4),
                "share": round(gaps[b] / total, 3) if total else float("nan")} for b, s in per.items()}
-    out["F"] = {"rsum": round(retrieval_metrics(torch.stack(list(per.values())).mean(0), k)["rsum"], 1),
-                "gap": round(total / len(per), 4)}
+    F = torch.stack(list(per.values())).mean(0)
+    out["F"] = {"rsum": round(retrieval_metrics(F, k)["rsum"], 1), "gap": round(total / len(per), 4)}
+    if getattr(dm, "twins", False):  # twin scenes: which branch tells a caption's image from its mirror twin
+        for b, s in [*per.items(), ("F", F)]:
+            out[b]["twin_accuracy"] = round(twin_metrics(s, k)["twin_accuracy"], 1)
     gains = {}
     for name, cell in (("visual", model.net.visual.cpc), ("text", model.net.text.cpc)):
         if cell is not None:
