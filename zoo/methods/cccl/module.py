@@ -50,7 +50,8 @@ class CCCL(RetrievalModule):
         subword_pooling: 'mean' (default) or 'first' sub-word of each word.
         use_box_position / position_tuple: CCCL Eq. (9) and our completion of its six-tuple (blocks.cpc).
         position_fusion: 'product' (default), Eq. (10)'s Q^ o S^ as printed, or 'sum', Q^ + (S^ - 1/2) (an additive
-            reading; on twin scenes it reads the boxes less: README, Box positions on twin scenes).
+            reading; on twin scenes it does not learn the boxes, where the product does: README, Box positions on
+            twin scenes).
         attention_smooth: inverse temperature of Eq. (17)'s softmax (unvalued in the paper, 9 as SCAN/CASC);
             not the loss weight.
         gcn_layers / edge_norm: Eq. (24)'s residual GCN layers and the affinity normalisation (blocks.graph).
