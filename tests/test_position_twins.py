@@ -173,6 +173,13 @@ def test_pair_by_pair_twin_scores_equal_the_matrix_and_the_twin_test_split(tmp_p
     # cached by checkpoint and twin test size: asking for another size measures again
     assert twins.measure_twins(row, configs, "last", twin_test=4) == m
     assert twins.measure_twins(row, configs, "last", twin_test=8)["twin_test_scenes"] == 8
+    # the row's extra arguments (`-- ARGS`) reach both datamodules, before the twin test's own root and size
+    import zoo.experiments.ensemble as ensemble
+    seen, real = [], ensemble.build_datamodule
+    monkeypatch.setattr(ensemble, "build_datamodule", lambda c, o: seen.append(list(o)) or real(c, o))
+    extra = ["--data.init_args.eval_batch_size", "2"]
+    got = twins.measure_twins(row, configs, "last", twin_test=4, overrides=extra)
+    assert seen == [extra, extra + twins.twin_test_overrides(4)] and got["twin_test_accuracy"] == m["twin_accuracy"]
 
 
 def test_report_shows_standard_errors_and_the_twin_test_columns(tmp_path):

@@ -74,20 +74,22 @@ def twin_test_overrides(scenes: int) -> list[str]:
     return ["--data.init_args.n_test", str(scenes), "--data.init_args.root", f".cache/synthscenes_twins_test{scenes}"]
 
 
-def measure_twins(row_dir: Path, configs: list[str], checkpoint: str = "best", twin_test: int | None = None
-                  ) -> dict | None:
+def measure_twins(row_dir: Path, configs: list[str], checkpoint: str = "best", twin_test: int | None = None,
+                  overrides: list[str] = ()) -> dict | None:
     """Twin accuracy (and its clustered standard error) of the row's best (or last) checkpoint on the test split;
     for the last checkpoint also its test metrics (the row's results.json holds the best's); with twin_test=N also
     the twin accuracy on an N-scene twin test split (twin_test_accuracy / twin_test_se), scored pair by pair.
     Cached in <row dir>/twins.json (twins_last.json), keyed by the checkpoint's size and time and the twin test
-    size, so a retrained row is measured again."""
+    size, so a retrained row is measured again. overrides: the row's extra lightning arguments (`-- ARGS`), so that
+    data arguments given there (a sub-word tokenizer, say) build the same datamodule as the fit's."""
     import json
     ckpt = row_dir / "checkpoints" / f"{checkpoint}.ckpt"
     cache = row_dir / ("twins.json" if checkpoint == "best" else f"twins_{checkpoint}.json")
     if not ckpt.exists():
         return None
     stamp = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns]
-    key = {"stamp": stamp, "twin_test": twin_test, "version": CACHE_VERSION}
+    key = {"stamp": stamp, "twin_test": twin_test, "version": CACHE_VERSION,
+           **({"overrides": list(overrides)} if overrides else {})}
     if cache.exists():
         got = json.loads(cache.read_text())
         if all(got.get(k) == v for k, v in key.items()):
@@ -95,7 +97,7 @@ def measure_twins(row_dir: Path, configs: list[str], checkpoint: str = "best", t
     from ..engine.checkpoints import load_model
     from ..engine.metrics import retrieval_metrics
     from .ensemble import build_datamodule, similarity_matrix
-    dm = build_datamodule(configs, [])
+    dm = build_datamodule(configs, list(overrides))
     model = load_model(ckpt, dm)
     import torch
     with torch.no_grad():
@@ -106,7 +108,7 @@ def measure_twins(row_dir: Path, configs: list[str], checkpoint: str = "best", t
     if checkpoint != "best":
         metrics.update({k: float(v) for k, v in retrieval_metrics(sims, dm.caps_per_image).items()})
     if twin_test:
-        big = build_datamodule(configs, twin_test_overrides(twin_test))
+        big = build_datamodule(configs, [*overrides, *twin_test_overrides(twin_test)])
         n = big.num_eval_images("test")
         acc, se = twin_stats(*twin_pair_scores(model, big.test_dataloader(), n, big.caps_per_image),
                              big.caps_per_image)
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = sizes_for(row.method, "synthetic", args.recipes)
         configs = [str(recipe_for(row.method, "synthetic", args.recipes)), *([str(sizes)] if sizes else []),
                    str(row.path), str(args.recipes / "position_twins" / "_data.yaml")]
-        return measure_twins(row_dir, configs, args.checkpoint, args.twin_test)
+        return measure_twins(row_dir, configs, args.checkpoint, args.twin_test, args.extra)
 
     table = collect(chosen, args.seeds, args.runs, measure)
     out = args.out or args.runs
