@@ -272,3 +272,24 @@ def test_branch_share_gives_each_branch_twin_accuracy_on_twin_data(tmp_path, mon
     acc, _ = twins.twin_stats(*twins.own_and_twin(sims, dm.caps_per_image), dm.caps_per_image)
     assert out["F"]["twin_accuracy"] == pytest.approx(acc, abs=0.05)
     assert all(0 <= out[b]["twin_accuracy"] <= 100 for b in model.net.branches)
+
+
+def test_val_curves_from_the_fit_logs_and_their_table_and_chart(tmp_path):
+    """The report's per-epoch validation twin accuracy: read from every CSV version of a row's fit (a resumed fit's
+    later value wins), averaged over seeds; epochs without the metric (training-step rows) are skipped."""
+    rows = [r for r in twins.rows(ROOT / "recipes") if r.name == "cccl"]
+    head = "epoch,step,train/loss,val/t2i_r1_ties_split,val/twin_accuracy\n"
+    for seed, logs in ((0, {0: "0,9,0.5,,\n0,9,,30.0,50.0\n1,19,,40.0,60.0\n", 1: "1,19,,41.0,70.0\n"}),
+                       (1, {0: "0,9,,20.0,52.0\n1,19,,44.0,80.0\n"})):
+        for v, text in logs.items():
+            d = tmp_path / f"seed{seed}" / "cccl_synth" / "position_twins" / "cccl" / "csv_fit" / f"version_{v}"
+            d.mkdir(parents=True)
+            (d / "metrics.csv").write_text(head + text)
+    curves = twins.val_curves(rows, [0, 1, 2], tmp_path)  # seed 2 has no logs
+    got = {(c["seed"], c["epoch"]): (c["twin_accuracy"], c["t2i_r1_ties_split"]) for c in curves}
+    assert got == {(0, 1): (50.0, 30.0), (0, 2): (70.0, 41.0), (1, 1): (52.0, 20.0), (1, 2): (80.0, 44.0)}
+    md = twins.curves_markdown(curves)
+    assert "| CCCL (2) | twin acc. | 51.0 | 75.0 |" in md and "| CCCL (2) | T→I R@1 | 25.0 | 42.5 |" in md
+    assert twins.curves_markdown([]) == ""
+    png = twins.curves_chart(curves, tmp_path / "curves.png")
+    assert png.stat().st_size > 1000 and twins.curves_chart([], tmp_path / "none.png") is None

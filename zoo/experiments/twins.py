@@ -153,6 +153,77 @@ def collect(all_rows: list[Row], seeds: list[int], runs: Path, measure=None) -> 
     return table
 
 
+def val_curves(all_rows: list[Row], seeds: list[int], runs: Path) -> list[dict]:
+    """Per (row, seed, epoch): val/twin_accuracy and val/t2i_r1_ties_split from the row's fit CSV logs (every version:
+    a resumed fit starts a new one; a later value of an epoch wins). Rows fit before those metrics existed give none."""
+    out = []
+    for row in all_rows:
+        for seed in seeds:
+            row_dir = runs / f"seed{seed}" / f"{row.method}_synth" / row.table / row.name
+            per_epoch: dict[int, dict] = {}
+            for f in sorted(row_dir.glob("csv_fit/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+                with open(f, newline="") as fh:
+                    for r in csv.DictReader(fh):
+                        if r.get("val/twin_accuracy") not in (None, ""):
+                            per_epoch[int(r["epoch"]) + 1] = {
+                                "twin_accuracy": float(r["val/twin_accuracy"]),
+                                "t2i_r1_ties_split": float(r["val/t2i_r1_ties_split"])}
+            out += [{"row": row.name, "label": row.label, "seed": seed, "epoch": e, **v}
+                    for e, v in sorted(per_epoch.items())]
+    return out
+
+
+def curves_markdown(curves: list[dict]) -> str:
+    """The validation twin accuracy by epoch, mean over the seeds that logged it: when the boxes start to count."""
+    if not curves:
+        return ""
+    epochs = sorted({c["epoch"] for c in curves})
+    lines = ["", "## Validation twin accuracy by epoch", "",
+             "`val/twin_accuracy` of each fit (the 100-scene dev split, ± ~2), mean over the seeds that logged it "
+             "(how many seeds, in brackets); then the tie-split T→I R@1 the same way.", "",
+             "| row | metric | " + " | ".join(str(e) for e in epochs) + " |", "|---|---|" + "---|" * len(epochs)]
+    for label in dict.fromkeys(c["label"] for c in curves):
+        mine = [c for c in curves if c["label"] == label]
+        n = len({c["seed"] for c in mine})
+        for key, name in (("twin_accuracy", "twin acc."), ("t2i_r1_ties_split", "T→I R@1")):
+            cells = []
+            for e in epochs:
+                vals = [c[key] for c in mine if c["epoch"] == e]
+                cells.append(f"{statistics.mean(vals):.1f}" if vals else "—")
+            lines.append(f"| {label} ({n}) | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curves_chart(curves: list[dict], path: Path) -> Path | None:
+    """val/twin_accuracy by epoch: one thin line per seed, the seed mean bold, one colour per row."""
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, label in enumerate(dict.fromkeys(c["label"] for c in curves)):
+        mine = [c for c in curves if c["label"] == label]
+        for seed in sorted({c["seed"] for c in mine}):
+            pts = [(c["epoch"], c["twin_accuracy"]) for c in mine if c["seed"] == seed]
+            ax.plot(*zip(*pts), color=colours[i % len(colours)], alpha=0.35, lw=1)
+        epochs = sorted({c["epoch"] for c in mine})
+        ax.plot(epochs, [statistics.mean(c["twin_accuracy"] for c in mine if c["epoch"] == e) for e in epochs],
+                color=colours[i % len(colours)], lw=2.2, marker="o", ms=3, label=label)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val twin accuracy (%)")
+    ax.set_title("Box positions on SynthScenes twins: own image above its mirror twin")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def to_markdown(table: list[dict], seeds: list[int], epochs: int, checkpoint: str = "best",
                 schedule: str | None = None) -> str:
     """schedule: a line saying how the rows were trained beyond the recipes (the lr schedule, extra arguments)."""
@@ -268,7 +339,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"(`--lr-decay {args.lr_decay:g}`"
                 + (f" `--lr-decay-epochs {args.lr_decay_epochs}`" if args.lr_decay_epochs else "") + ")"
                 + (f"; extra arguments: `{' '.join(args.extra)}`" if args.extra else "") + ".")
-    (out / "report.md").write_text(to_markdown(table, args.seeds, args.epochs, args.checkpoint, schedule))
+    curves = val_curves(chosen, args.seeds, args.runs)
+    md = to_markdown(table, args.seeds, args.epochs, args.checkpoint, schedule) + curves_markdown(curves)
+    if curves:
+        with open(out / "curves.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["row", "label", "seed", "epoch", "twin_accuracy", "t2i_r1_ties_split"])
+            w.writeheader()
+            w.writerows(curves)
+        if curves_chart(curves, out / "curves.png") is not None:
+            md += "\n![val twin accuracy by epoch](curves.png)\n"
+    (out / "report.md").write_text(md)
     with open(out / "report.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["row", "label", "seed", *METRICS])
         w.writeheader()
