@@ -225,7 +225,8 @@ class RetrievalModule(L.LightningModule):
         """
         k = self.caps_per_image
         seen = torch.unique(gather_padded(image_ids))
-        # twin scenes (SynthScenes twins: images 2k, 2k + 1 mirror twins): also the twin accuracy, if pairs are whole
+        # twin scenes (SynthScenes twins: images 2k, 2k + 1 mirror twins): also the twin accuracy, if every pair is
+        # whole (then the remap below keeps pairs at 2m, 2m + 1: an even number of seen images precedes each pair)
         dm = self._trainer.datamodule if self._trainer is not None else None
         twins = bool(getattr(dm, "twins", False)) and bool((torch.isin(seen ^ 1, seen)).all())
         if seen.numel() < n_images:
@@ -246,8 +247,7 @@ class RetrievalModule(L.LightningModule):
             else (0, 1)
         per_rank = -(-n_images // world)
         lo, hi = rank * per_rank, min(n_images, (rank + 1) * per_rank)  # each rank scores its own image rows
-        metric = RetrievalMetrics(self.caps_per_image, self.fold_size, twins=twins and n_images % 2 == 0
-                                  ).to(next(iter(img.values())).device)
+        metric = RetrievalMetrics(self.caps_per_image, self.fold_size, twins=twins).to(next(iter(img.values())).device)
         if hi > lo:
             rows = score_blockwise(self.score, {k: v[lo:hi] for k, v in img.items()}, cap, self.eval_image_block,
                                    self.eval_caption_block, progress=progress and rank == 0)

@@ -14,8 +14,8 @@ their twin, so that the twin is an in-batch negative often enough for the positi
 The rows are recipes/position_twins/<NN>_<row>.yaml (first line `# <label> — <what>`, the method named in the
 table below), layered on the method's SynthScenes recipe, its ablation-size overlay (CCCL's), the shared
 recipes/position_twins/_data.yaml, `--trainer.max_epochs` and `--model.init_args.lr_decay` (TWIN_LR_DECAY: the lr
-is halved every 3 epochs; under the recipes' 0.1 CCCL never learns the boxes). Each (row, seed) runs through the ablation runner
-(zoo.experiments.ablate.Ablation): resumable, CSV (+ W&B) logged, results.json with its settings digest.
+is halved every 3 epochs; under the recipes' 0.1 CCCL never learns the boxes). Each (row, seed) runs through the
+ablation runner (zoo.experiments.ablate.Ablation): resumable, CSV (+ W&B) logged, results.json with its settings digest.
 """
 from __future__ import annotations
 
@@ -95,16 +95,14 @@ def measure_twins(row_dir: Path, configs: list[str], checkpoint: str = "best", t
         if all(got.get(k) == v for k, v in key.items()):
             return got["metrics"]
     from ..engine.checkpoints import load_model
-    from ..engine.metrics import retrieval_metrics
+    from ..engine.metrics import retrieval_metrics, twin_metrics
     from .ensemble import build_datamodule, similarity_matrix
     dm = build_datamodule(configs, list(overrides))
     model = load_model(ckpt, dm)
     import torch
     with torch.no_grad():
         sims = similarity_matrix(model, dm.test_dataloader(), dm.num_eval_images("test"), dm.caps_per_image)
-    acc, se = twin_stats(*own_and_twin(sims, dm.caps_per_image), dm.caps_per_image)
-    metrics = {"twin_accuracy": acc, "twin_accuracy_se": se,
-               "t2i_r1_ties_split": t2i_recall_ties_split(sims, dm.caps_per_image)}
+    metrics = twin_metrics(sims, dm.caps_per_image)
     if checkpoint != "best":
         metrics.update({k: float(v) for k, v in retrieval_metrics(sims, dm.caps_per_image).items()})
     if twin_test:
